@@ -1,0 +1,3 @@
+from maas.cli.main import run
+
+run()

@@ -1,0 +1,57 @@
+"""The ``maas`` command. Each command group lives in its own module; this one only assembles them.
+
+Nothing here imports torch, onnx or onnxruntime: commands import what they need when they run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from maas import __version__, envs
+from maas.cli import demo, models, serve
+from maas.errors import MaasError
+
+app = typer.Typer(
+    name="maas",
+    help="Model-as-a-Service: register, version and serve models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(models.app, name="models")
+app.command("serve")(serve.serve)
+app.command("demo")(demo.demo)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"maas {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    logging.basicConfig(level=str(envs.MAAS_LOG_LEVEL).upper(), format="%(levelname)s %(name)s: %(message)s")
+
+
+def run() -> None:
+    """Console-script entry point: turns maas errors into a one-line message and exit code 1."""
+    from maas.cli.output import err_console
+
+    try:
+        app()
+    except MaasError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,89 @@
+"""A small classifier of scikit-learn's bundled 8x8 handwritten digits (no download)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_digits_split(test_size: float = 0.25, seed: int = 0) -> DigitsData:
+    """Pixels scaled to [0, 1] as float32, labels as int64, a stratified split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    y = y.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_size, random_state=seed, stratify=y)
+    return DigitsData(x_tr, y_tr, x_te, y_te)
+
+
+def build_model(hidden: int = 128):  # type: ignore[no-untyped-def]
+    """An MLP 64 -> hidden -> 10 that returns class probabilities and the predicted label."""
+    import torch
+    from torch import nn
+
+    class DigitsClassifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.net(pixels)
+            return torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
+
+    return DigitsClassifier()
+
+
+def train(
+    data: DigitsData,
+    *,
+    epochs: int = 40,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+):  # type: ignore[no-untyped-def]
+    """Train with Adam on cross-entropy; returns the model in eval mode."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    model = build_model()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loss_fn = nn.CrossEntropyLoss()
+    x = torch.from_numpy(data.x_train)
+    y = torch.from_numpy(data.y_train)
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(x), generator=gen)
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model.net(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, total / len(x))
+    return model.eval()
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:  # type: ignore[no-untyped-def]
+    import torch
+
+    with torch.inference_mode():
+        _, label = model(torch.from_numpy(x))
+    return float((label.numpy() == y).mean())

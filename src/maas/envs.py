@@ -1,0 +1,90 @@
+"""Every ``MAAS_*`` setting, declared, typed and documented in one place.
+
+Nothing else in maas reads ``os.environ`` for a ``MAAS_*`` name. Values are read when accessed, so a
+test (or a child process) that changes the environment sees the change::
+
+    from maas import envs
+    envs.MAAS_HOME  # -> Path
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _path(name: str, default: str) -> Callable[[], Path]:
+    return lambda: Path(os.environ.get(name) or default).expanduser()
+
+
+def _str(name: str, default: str | None) -> Callable[[], str | None]:
+    return lambda: os.environ.get(name) or default
+
+
+def _num(name: str, default: float, cast: Callable[[str], Any] = float) -> Callable[[], Any]:
+    def read() -> Any:
+        raw = os.environ.get(name)
+        if raw is None or raw == "":
+            return cast(str(default))
+        try:
+            return cast(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a valid {cast.__name__}; unset it or give a number") from None
+
+    return read
+
+
+# name -> (reader, documentation). The README's settings table is generated from these docs.
+environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
+    "MAAS_HOME": (
+        _path("MAAS_HOME", "~/.maas"),
+        "Root of the embedded default: the SQLite registry database and the artifact store live here.",
+    ),
+    "MAAS_DATABASE_URL": (
+        _str("MAAS_DATABASE_URL", None),
+        "SQLAlchemy URL of the metadata store (e.g. postgresql+psycopg://…); default sqlite:///$MAAS_HOME/maas.db.",
+    ),
+    "MAAS_DB_BUSY_TIMEOUT_S": (
+        _num("MAAS_DB_BUSY_TIMEOUT_S", 60.0),
+        "How long a SQLite writer waits for the database lock before giving up.",
+    ),
+    "MAAS_HOST": (_str("MAAS_HOST", "127.0.0.1"), "Address `maas serve` binds to."),
+    "MAAS_PORT": (_num("MAAS_PORT", 8000, int), "Port `maas serve` listens on."),
+    "MAAS_MAX_REQUEST_BYTES": (
+        _num("MAAS_MAX_REQUEST_BYTES", 64 * 1024 * 1024, int),
+        "Largest request body the server accepts; larger bodies get 413.",
+    ),
+    "MAAS_WATCH_INTERVAL_S": (
+        _num("MAAS_WATCH_INTERVAL_S", 0.5),
+        "How often the server polls the registry for alias moves and new versions.",
+    ),
+    "MAAS_LOAD_WAIT_S": (
+        _num("MAAS_LOAD_WAIT_S", 10.0),
+        "How long a request waits for its model to finish loading before it gets 503.",
+    ),
+    "MAAS_INFER_THREADS": (
+        _num("MAAS_INFER_THREADS", 4, int),
+        "Threads that run inference off the event loop.",
+    ),
+    "MAAS_DEVICE": (
+        _str("MAAS_DEVICE", "cpu"),
+        "Where runtimes execute: cpu, cuda (used when a CUDA provider is available) or auto.",
+    ),
+    "MAAS_USER": (
+        _str("MAAS_USER", None),
+        "Name recorded as creator and alias mover; default: the operating-system user.",
+    ),
+    "MAAS_LOG_LEVEL": (_str("MAAS_LOG_LEVEL", "INFO"), "Log level of the server and CLI."),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in environment_variables:
+        return environment_variables[name][0]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)

@@ -1,0 +1,69 @@
+"""Model formats, each in its own module, found by name and imported on first use.
+
+Importing this package imports neither torch, onnx nor onnxruntime: the table below holds only module
+paths, so ``maas --help`` and the registry stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+
+from maas.errors import UnsupportedFormat
+from maas.runtimes.base import Format, Runtime
+from maas.tensors import Signature
+
+#: format name -> "module:attribute" of its :class:`Format`.
+FORMATS: dict[str, str] = {
+    "onnx": "maas.runtimes.onnx:FORMAT",
+    "torch_export": "maas.runtimes.torch_export:FORMAT",
+}
+
+#: file suffix -> format name, so detection needs no heavy import.
+SUFFIXES: dict[str, str] = {".onnx": "onnx", ".pt2": "torch_export"}
+
+_loaded: dict[str, Format] = {}
+
+
+def get_format(name: str) -> Format:
+    """The :class:`Format` registered under ``name``; ``UnsupportedFormat`` naming the known ones otherwise."""
+    if name not in FORMATS:
+        raise UnsupportedFormat(f"unknown model format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
+    if name not in _loaded:
+        module_name, _, attr = FORMATS[name].partition(":")
+        _loaded[name] = getattr(importlib.import_module(module_name), attr)
+    return _loaded[name]
+
+
+def detect_format(path: Path) -> str:
+    """Guess an artifact's format from its suffix, else from its content; ``UnsupportedFormat`` if neither fits."""
+    suffix = path.suffix.lower()
+    if suffix in SUFFIXES:
+        return SUFFIXES[suffix]
+    if path.is_file():
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in zf.namelist()):
+                    return "torch_export"
+        else:
+            with path.open("rb") as fh:
+                head = fh.read(16)
+            # An ONNX ModelProto starts with field 1 (ir_version, varint): tag byte 0x08.
+            if head[:1] == b"\x08":
+                return "onnx"
+    raise UnsupportedFormat(
+        f"cannot tell the format of {path.name}; name it with --format ({', '.join(sorted(FORMATS))}) "
+        "or give the file a known suffix (.onnx, .pt2)"
+    )
+
+
+def inspect(path: Path, format: str) -> Signature:
+    return get_format(format).inspect(path)
+
+
+def load(path: Path, format: str, *, device: str = "cpu") -> Runtime:
+    return get_format(format).load(path, device=device)
+
+
+__all__ = ["FORMATS", "Format", "Runtime", "Signature", "detect_format", "get_format", "inspect", "load"]

@@ -1,0 +1,184 @@
+"""ONNX models, run by onnxruntime.
+
+The signature is read from the graph with the ``onnx`` package (initializers are weights, not inputs);
+the model runs in an ``onnxruntime.InferenceSession`` on the CPU or, when asked and available, CUDA.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from maas.errors import InvalidInput
+from maas.tensors import Signature, TensorSpec
+
+logger = logging.getLogger(__name__)
+
+#: ONNX TensorProto element type -> OIP datatype.
+_DATATYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.DOUBLE: "FP64",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.INT16: "INT16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.UINT16: "UINT16",
+    onnx.TensorProto.UINT32: "UINT32",
+    onnx.TensorProto.UINT64: "UINT64",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.STRING: "BYTES",
+}
+
+
+def _resolve_device(device: str, *, cuda_available: bool) -> str:
+    """``cpu``, ``cuda`` or ``auto`` -> the device to use; ``cuda`` falls back to the CPU with a warning."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise InvalidInput(f"unknown device {device!r}; expected cpu, cuda or auto")
+    if device == "cuda" and not cuda_available:
+        logger.warning("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider; running on the CPU")
+    return "cuda" if device != "cpu" and cuda_available else "cpu"
+
+
+def _select_outputs(signature: Signature, outputs: Sequence[str] | None) -> list[str]:
+    """The requested output names in signature order; all of them when ``outputs`` is None."""
+    known = [s.name for s in signature.outputs]
+    if outputs is None:
+        return known
+    unknown = [n for n in outputs if n not in known]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model returns {', '.join(known)}")
+    wanted = set(outputs)
+    return [n for n in known if n in wanted]
+
+
+def _spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        raise InvalidInput(
+            f"{path.name}: {value.name!r} is a {kind}, not a tensor; maas serves tensor inputs and outputs"
+        )
+    tensor_type = value.type.tensor_type
+    elem = tensor_type.elem_type
+    if elem not in _DATATYPES:
+        raise InvalidInput(
+            f"{path.name}: {value.name!r} has ONNX element type {onnx.TensorProto.DataType.Name(elem)}, which has no "
+            f"Open Inference Protocol datatype; supported: {', '.join(sorted(_DATATYPES.values()))}"
+        )
+    if not tensor_type.HasField("shape"):
+        raise InvalidInput(
+            f"{path.name}: {value.name!r} has no declared rank; give it a shape when exporting "
+            "(use a symbolic name for dynamic dimensions)"
+        )
+    # dim_value 0 is ONNX's "not set": a dim_param (symbolic) or a dimension nobody named.
+    shape = tuple(d.dim_value if d.dim_value > 0 else -1 for d in tensor_type.shape.dim)
+    return TensorSpec(name=value.name, datatype=_DATATYPES[elem], shape=shape)
+
+
+def _signature(model: onnx.ModelProto, path: Path) -> Signature:
+    graph = model.graph
+    # Before IR version 4 every initializer was also listed as a graph input; those are weights.
+    weights = {init.name for init in graph.initializer}
+    return Signature(
+        inputs=tuple(_spec(v, path) for v in graph.input if v.name not in weights),
+        outputs=tuple(_spec(v, path) for v in graph.output),
+    )
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError, OSError, …: all mean the same to the caller
+        raise InvalidInput(f"{path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+    # Protobuf parses many short byte strings (an empty file among them) as a valid, empty message.
+    if not model.ir_version or not model.graph.output:
+        raise InvalidInput(f"{path.name} is not an ONNX model: it has no IR version or no graph outputs")
+    return model
+
+
+def _to_ort(name: str, value: np.ndarray) -> np.ndarray:
+    """BYTES arrive as object arrays of ``bytes``; ORT string tensors want ``str``."""
+    try:
+        flat = [v.decode("utf-8") if isinstance(v, bytes | bytearray) else str(v) for v in value.ravel()]
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(
+            f"input {name!r} holds bytes that are not UTF-8 text ({exc}); ONNX strings are UTF-8"
+        ) from None
+    return np.array(flat, dtype=object).reshape(value.shape)
+
+
+def _from_ort(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype.kind in ("U", "S", "O"):
+        flat = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in array.ravel()]
+        return np.array(flat, dtype=object).reshape(array.shape)
+    return array
+
+
+class OnnxRuntime:
+    """One loaded ONNX model. ``InferenceSession.run`` is thread-safe, so one session serves all threads."""
+
+    def __init__(self, session: ort.InferenceSession, signature: Signature, device: str) -> None:
+        self._session: ort.InferenceSession | None = session
+        self.signature = signature
+        self.device = device
+        self._bytes_inputs = {s.name for s in signature.inputs if s.datatype == "BYTES"}
+
+    def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        if self._session is None:
+            raise RuntimeError("this ONNX runtime was closed; load the model again")
+        names = _select_outputs(self.signature, outputs)
+        missing = [s.name for s in self.signature.inputs if s.name not in inputs]
+        if missing:
+            raise InvalidInput(f"missing input(s) {', '.join(missing)}; the model takes {_names(self.signature)}")
+        feed = {
+            s.name: _to_ort(s.name, inputs[s.name]) if s.name in self._bytes_inputs else inputs[s.name]
+            for s in self.signature.inputs
+        }
+        results = self._session.run(names, feed)
+        return {name: _from_ort(value) for name, value in zip(names, results, strict=True)}
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _names(signature: Signature) -> str:
+    return ", ".join(s.name for s in signature.inputs)
+
+
+class OnnxFormat:
+    """The ``onnx`` format: ``.onnx`` files."""
+
+    name = "onnx"
+    suffixes: tuple[str, ...] = (".onnx",)
+
+    def inspect(self, path: Path) -> Signature:
+        return _signature(_read(path), path)
+
+    def load(self, path: Path, *, device: str = "cpu") -> OnnxRuntime:
+        signature = self.inspect(path)
+        want = _resolve_device(device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers())
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want == "cuda" else ["CPUExecutionProvider"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as exc:
+            raise InvalidInput(f"onnxruntime cannot load {path.name}: {exc}") from exc
+        used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        if used != want:
+            logger.warning("%s: the CUDA provider failed to start; running on the CPU", path.name)
+        return OnnxRuntime(session, signature, used)
+
+
+FORMAT = OnnxFormat()

@@ -1,0 +1,34 @@
+"""Process-wide server settings (per-model settings belong to a model's deployment, not here)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from maas import envs
+
+
+class ServerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models: list[str] | None = None  # serve only these names; None serves every registered model
+    device: str = "cpu"
+    max_request_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    watch_interval_s: float = Field(0.5, gt=0)
+    load_wait_s: float = Field(10.0, ge=0)
+    infer_threads: int = Field(4, ge=1)
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ServerSettings:
+        values: dict[str, object] = {
+            "host": envs.MAAS_HOST,
+            "port": envs.MAAS_PORT,
+            "device": envs.MAAS_DEVICE,
+            "max_request_bytes": envs.MAAS_MAX_REQUEST_BYTES,
+            "watch_interval_s": envs.MAAS_WATCH_INTERVAL_S,
+            "load_wait_s": envs.MAAS_LOAD_WAIT_S,
+            "infer_threads": envs.MAAS_INFER_THREADS,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(values)

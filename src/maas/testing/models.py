@@ -1,0 +1,75 @@
+"""Tiny ONNX models built directly with ``onnx.helper`` (no torch, no export step), for tests and docs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_multi_io_model(path: Path, *, scale: float = 1.0, features: int = 4, width: int = 3) -> Path:
+    """A model with three inputs and three outputs of different datatypes, all with a dynamic batch:
+
+    - ``x`` FP32 [-1, features] -> ``y`` FP32 [-1, features] = x * scale + 1
+    - ``ids`` INT64 [-1, width] -> ``ids_out`` INT64 [-1, width] = ids * 2
+    - ``mask`` BOOL [-1, width] -> ``mask_out`` BOOL [-1, width] = not mask
+
+    ``scale`` makes versions distinguishable by their output.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Mul", ["x", "scale"], ["xs"]),
+        helper.make_node("Add", ["xs", "one"], ["y"]),
+        helper.make_node("Mul", ["ids", "two"], ["ids_out"]),
+        helper.make_node("Not", ["mask"], ["mask_out"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale"),
+        numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one"),
+        numpy_helper.from_array(np.array(2, dtype=np.int64), "two"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "multi_io",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", width]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["batch", width]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", features]),
+            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["batch", width]),
+            helper.make_tensor_value_info("mask_out", TensorProto.BOOL, ["batch", width]),
+        ],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_linear_model(path: Path, *, features: int = 4, outputs: int = 2, seed: int = 0) -> Path:
+    """``y = x @ W + b`` with random weights: FP32 [-1, features] -> FP32 [-1, outputs]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((features, outputs)).astype(np.float32)
+    b = rng.standard_normal(outputs).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", features])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", outputs])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
+    model.ir_version = 8
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path

@@ -1,0 +1,40 @@
+"""Shared fixtures. Every test gets its own MAAS_HOME, so nothing touches ~/.maas."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from maas.registry import Registry
+
+TIERS = {"unit", "integration", "e2e"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test by its folder (tests/unit, tests/integration, tests/e2e)."""
+    for item in items:
+        for part in Path(str(item.fspath)).parts:
+            if part in TIERS:
+                item.add_marker(getattr(pytest.mark, part))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "maas-home"
+    monkeypatch.setenv("MAAS_HOME", str(path))
+    monkeypatch.delenv("MAAS_DATABASE_URL", raising=False)
+    return path
+
+
+@pytest.fixture
+def registry(home: Path) -> Registry:
+    return Registry()
+
+
+@pytest.fixture
+def cli_env(home: Path) -> Iterator[dict[str, str]]:
+    """Environment for running the `maas` command in a subprocess against this test's MAAS_HOME."""
+    yield {**os.environ, "MAAS_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
