@@ -76,7 +76,11 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         _str("MAAS_USER", None),
         "Name recorded as creator and alias mover; default: the operating-system user.",
     ),
-    "MAAS_LOG_LEVEL": (_str("MAAS_LOG_LEVEL", "INFO"), "Log level of the server and CLI."),
+    "MAAS_LOG_LEVEL": (
+        _str("MAAS_LOG_LEVEL", None),
+        "Log level of maas' own messages (debug, info, warning, error); "
+        "default: info for `maas serve`, warning otherwise.",
+    ),
 }
 
 

@@ -26,7 +26,7 @@ def test_eight_processes_get_versions_one_to_eight(home: Path, tmp_path: Path, c
         for f in files
     ]
     outs = [p.communicate(timeout=180) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err
         assert "locked" not in err.lower()
     versions = sorted(json.loads(out)["version"] for out, _ in outs)

@@ -37,7 +37,8 @@ def _version(value: bool) -> None:
 def main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    logging.basicConfig(level=str(envs.MAAS_LOG_LEVEL).upper(), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("maas").setLevel(str(envs.MAAS_LOG_LEVEL or "WARNING").upper())
 
 
 def run() -> None:

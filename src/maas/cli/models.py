@@ -82,7 +82,9 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print JSON."
     table = Table("name", "versions", "latest", "aliases", "updated")
     for m in models:
         aliases = ", ".join(f"{a}→{v}" for a, v in sorted(m.aliases.items()))
-        table.add_row(m.name, str(m.version_count), str(m.latest_version or "-"), aliases, f"{m.updated_at:%Y-%m-%d %H:%M}")
+        table.add_row(
+            m.name, str(m.version_count), str(m.latest_version or "-"), aliases, f"{m.updated_at:%Y-%m-%d %H:%M}"
+        )
     console.print(table)
 
 
@@ -167,7 +169,12 @@ def alias_history(
     table = Table("when", "alias", "action", "from", "to", "by")
     for e in events:
         table.add_row(
-            f"{e.at:%Y-%m-%d %H:%M:%S}", e.alias, e.action, str(e.from_version or "-"), str(e.to_version or "-"), e.actor or "-"
+            f"{e.at:%Y-%m-%d %H:%M:%S}",
+            e.alias,
+            e.action,
+            str(e.from_version or "-"),
+            str(e.to_version or "-"),
+            e.actor or "-",
         )
     console.print(table)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from maas import envs
@@ -21,6 +23,8 @@ def serve(
     from maas.serving.app import create_app
     from maas.serving.settings import ServerSettings
 
+    level = (log_level or str(envs.MAAS_LOG_LEVEL or "info")).lower()
+    logging.getLogger("maas").setLevel(level.upper())
     settings = ServerSettings.from_env(host=host, port=port, models=model or None, device=device)
     app = create_app(settings)
     console.print(f"maas serving on [bold]http://{settings.host}:{settings.port}[/] (registry: {envs.MAAS_HOME})")
@@ -28,7 +32,7 @@ def serve(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=(log_level or str(envs.MAAS_LOG_LEVEL)).lower(),
+        log_level=level,
         access_log=False,
         timeout_graceful_shutdown=5,
     )

@@ -57,11 +57,10 @@ def _pick_port(host: str, wanted: int) -> int:
 
     with socket.socket() as s:
         try:
-            s.bind((host, wanted))
-            return wanted
+            s.bind((host, wanted))  # port 0, or a taken port, gets a free one
         except OSError:
             s.bind((host, 0))
-            return int(s.getsockname()[1])
+        return int(s.getsockname()[1])
 
 
 def train_and_register(console: Console, registry: Registry) -> ModelVersion:
@@ -108,8 +107,10 @@ def train_and_register(console: Console, registry: Registry) -> ModelVersion:
             tags={"dataset": "sklearn.load_digits", "task": "classification"},
             alias="production",
         )
-    sig = ", ".join(s.describe() for s in mv.signature.inputs) + " -> " + ", ".join(
-        s.describe() for s in mv.signature.outputs
+    sig = (
+        ", ".join(s.describe() for s in mv.signature.inputs)
+        + " -> "
+        + ", ".join(s.describe() for s in mv.signature.outputs)
     )
     console.print(f"   registered [bold]{mv.uri}[/] (alias production): {sig}")
     return mv
@@ -145,7 +146,7 @@ def next_steps(url: str) -> str:
   curl {url}/v2/models/{MODEL_NAME}
   curl -X POST {url}/v2/models/{MODEL_NAME}/infer -H 'Content-Type: application/json' \\
        -d '{payload}'
-  python -c "import numpy as np, tritonclient.http as t; c=t.InferenceServerClient('{url.removeprefix('http://')}'); \\
+  python -c "import numpy as np, tritonclient.http as t; c=t.InferenceServerClient('{url.removeprefix("http://")}'); \\
 i=t.InferInput('pixels',[1,64],'FP32'); i.set_data_from_numpy(np.zeros((1,64),np.float32)); \\
 print(c.infer('{MODEL_NAME}',[i]).as_numpy('label'))"
   maas models list
@@ -155,9 +156,13 @@ print(c.infer('{MODEL_NAME}',[i]).as_numpy('label'))"
   curl {url}/metrics"""
 
 
-def run_demo(*, smoke: bool = False, host: str = "127.0.0.1", port: int = 8000, console: Console | None = None) -> float:
+def run_demo(
+    *, smoke: bool = False, host: str = "127.0.0.1", port: int = 8000, console: Console | None = None
+) -> float:
     """Train, register, serve and check the digits model; returns the accuracy measured through the server.
     Unless ``smoke``, keeps serving until interrupted."""
+    from maas.demo.digits import load_digits_split
+
     console = console or Console()
     console.print(f"[bold]maas demo[/]  (registry at {envs.MAAS_HOME})")
     registry = Registry()
@@ -171,7 +176,11 @@ def run_demo(*, smoke: bool = False, host: str = "127.0.0.1", port: int = 8000, 
     try:
         console.print("[bold]4. Classify through the server[/] with tritonclient (Open Inference Protocol v2)")
         served_acc = classify_through_server(url, version)
-        console.print(f"   accuracy measured through the server: [bold green]{served_acc:.4f}[/]")
+        n = len(load_digits_split().y_test)
+        console.print(
+            f"   accuracy measured through the server: [bold green]{served_acc:.4f}[/] "
+            f"({round(served_acc * n)} of {n} test images)"
+        )
         if smoke:
             return served_acc
         console.print(next_steps(url))

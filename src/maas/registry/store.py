@@ -480,4 +480,3 @@ class SqlStore:
             return sorted(digests - used)
 
         return self._write(tx)
-

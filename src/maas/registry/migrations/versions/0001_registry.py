@@ -27,9 +27,7 @@ def upgrade() -> None:
     op.create_table(
         "model_versions",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column(
-            "model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("format", sa.String(64), nullable=False),
         sa.Column("signature", sa.JSON(), nullable=False),
@@ -49,9 +47,7 @@ def upgrade() -> None:
     op.create_table(
         "model_aliases",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column(
-            "model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False),
         sa.Column("alias", sa.String(64), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.UniqueConstraint("model_id", "alias", name="uq_model_aliases_model_alias"),
@@ -59,9 +55,7 @@ def upgrade() -> None:
     op.create_table(
         "alias_events",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column(
-            "model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False
-        ),
+        sa.Column("model_id", sa.Integer(), sa.ForeignKey("registered_models.id", ondelete="CASCADE"), nullable=False),
         sa.Column("alias", sa.String(64), nullable=False),
         sa.Column("action", sa.String(16), nullable=False),
         sa.Column("from_version", sa.Integer(), nullable=True),

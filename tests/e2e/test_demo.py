@@ -1,0 +1,31 @@
+"""`maas demo --smoke`: the main job end to end on the embedded default."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maas.registry import Registry
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_smoke_serves_an_accurate_model(home: Path, cli_env: dict[str, str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "maas", "demo", "--smoke", "--port", "0"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    match = re.search(r"accuracy measured through the server: ([0-9.]+) \((\d+) of (\d+) test images\)", proc.stdout)
+    assert match, proc.stdout
+    served = int(match.group(2)) / int(match.group(3))
+    assert served >= 0.9
+    mv = Registry().resolve("models:/digits@production")
+    assert mv.version == 1 and mv.format == "onnx"
+    # The server computed the same accuracy the registry recorded in-process.
+    assert served == pytest.approx(mv.metrics["accuracy"], abs=1e-9)
