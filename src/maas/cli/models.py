@@ -25,6 +25,14 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
     return out
 
 
+def _model(ref: str) -> str:
+    """A model name from NAME or models:/NAME (a version or alias here would be ambiguous)."""
+    r = parse_ref(ref)
+    if r.version is not None or r.alias is not None:
+        fail(f"{ref!r} names a version; this command takes a model: write {r.name!r}")
+    return r.name
+
+
 def _sig(mv: ModelVersion) -> str:
     ins = ", ".join(s.describe() for s in mv.signature.inputs)
     outs = ", ".join(s.describe() for s in mv.signature.outputs)
@@ -143,6 +151,7 @@ def show(
 @alias_app.command("set")
 def alias_set(name: str, alias: str, version: int) -> None:
     """Point ALIAS of NAME at VERSION (recorded in the alias history)."""
+    name = _model(name)
     ev = Registry().set_alias(name, alias, version)
     was = f" (was {ev.from_version})" if ev.from_version is not None else ""
     console.print(f"{name}@{alias} → {ev.to_version}{was}")
@@ -151,6 +160,7 @@ def alias_set(name: str, alias: str, version: int) -> None:
 @alias_app.command("delete")
 def alias_delete(name: str, alias: str) -> None:
     """Remove ALIAS from NAME (recorded in the alias history)."""
+    name = _model(name)
     ev = Registry().delete_alias(name, alias)
     console.print(f"deleted {name}@{alias} (was {ev.from_version})")
 
@@ -162,7 +172,7 @@ def alias_history(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every alias move of NAME: when, from which version, to which, by whom."""
-    events = Registry().alias_history(name, alias)
+    events = Registry().alias_history(_model(name), alias)
     if as_json:
         print_json([e.to_dict() for e in events])
         return
@@ -185,6 +195,7 @@ def rollback(
     alias: str = typer.Option(DEFAULT_ALIAS, "--alias", "-a", help="The alias to move back."),
 ) -> None:
     """Point an alias back at the version it held before its last move."""
+    name = _model(name)
     ev = Registry().rollback(name, alias)
     console.print(f"rolled back {name}@{alias}: {ev.from_version} → {ev.to_version}")
 
@@ -208,7 +219,7 @@ def verify(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-check every artifact's sha256; exits 1 if any is missing or corrupted."""
-    results = Registry().verify(name)
+    results = Registry().verify(_model(name) if name else None)
     bad = [r for r in results if not r.ok]
     if as_json:
         print_json([r.__dict__ for r in results])

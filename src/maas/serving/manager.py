@@ -273,14 +273,10 @@ class ModelManager:
             raise slot.error
         raise Loading(slot.done, what)
 
-    def acquire(self, name: str, version: str | None, wait_s: float) -> LoadedModel:
-        """Blocking :meth:`lookup` that waits up to ``wait_s`` for a load; ``Unavailable`` after that."""
-        try:
-            return self.lookup(name, version)
-        except Loading as loading:
-            if loading.event.wait(wait_s):
-                return self.lookup(name, version)
-            raise Unavailable(f"{loading.what} is loading; retry shortly") from None
+    def knows(self, name: str) -> bool:
+        """Whether ``name`` is a model this server serves (safe to use as a metrics label)."""
+        with self._lock:
+            return name in self._deployments
 
     def model_ready(self, name: str, version: str | None) -> tuple[bool, str]:
         try:

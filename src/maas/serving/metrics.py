@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from maas.errors import MaasError, NotFound
+from maas.errors import MaasError
 
 #: Label used for requests naming a model the server does not serve, so unknown names cannot blow up
 #: the number of series.
@@ -64,8 +64,7 @@ class ServerMetrics:
         )
 
     def observe_request(self, model: str, version: str, seconds: float, exc: BaseException | None) -> None:
-        if isinstance(exc, NotFound):
-            model, version = UNKNOWN, ""
+        """``model`` must be a name the server knows (or :data:`UNKNOWN`): never raw request input."""
         self.requests.labels(model, version, outcome_of(exc)).inc()
         if exc is None:
             self.latency.labels(model, version).observe(seconds)

@@ -8,11 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from maas import __version__
+from maas.errors import Unavailable
 from maas.registry import validate_name
 from maas.registry.uri import parse_version
 from maas.serving.api.v2 import protocol
-from maas.serving.manager import LoadedModel, ModelManager
-from maas.serving.metrics import ServerMetrics
+from maas.serving.manager import LoadedModel, Loading, ModelManager
+from maas.serving.metrics import UNKNOWN, ServerMetrics
 
 EXTENSIONS = ["binary_tensor_data"]
 
@@ -53,20 +54,36 @@ class V2Service:
         result: tuple[bool, str] = await self._run(self.manager.model_ready, name, version)
         return result
 
+    async def acquire(self, name: str, version: str | None) -> LoadedModel:
+        """The loaded model for a request; waits (without holding a thread) up to ``load_wait_s`` for a
+        load in progress, then answers 503."""
+        deadline = time.monotonic() + self.load_wait_s
+        while True:
+            try:
+                loaded: LoadedModel = await self._run(self.manager.lookup, name, version)
+                return loaded
+            except Loading as loading:
+                while not loading.event.is_set():
+                    if time.monotonic() >= deadline:
+                        raise Unavailable(f"{loading.what} is loading; retry shortly") from None
+                    await asyncio.sleep(0.01)
+
     async def infer(
         self, name: str, version: str | None, body: bytes, header_length: int | None
     ) -> tuple[bytes, dict[str, str]]:
         started = time.perf_counter()
-        label_version = version or ""
+        label_name, label_version = UNKNOWN, ""
         try:
             validate_name(name)
-            loaded: LoadedModel = await self._run(self.manager.acquire, name, version, self.load_wait_s)
-            label_version = str(loaded.version)
+            if self.manager.knows(name):
+                label_name = name
+            loaded = await self.acquire(name, version)
+            label_name, label_version = loaded.name, str(loaded.version)
             result: tuple[bytes, dict[str, str]] = await self._run(self._infer, loaded, body, header_length)
         except BaseException as exc:
-            self.metrics.observe_request(name, label_version, time.perf_counter() - started, exc)
+            self.metrics.observe_request(label_name, label_version, time.perf_counter() - started, exc)
             raise
-        self.metrics.observe_request(name, label_version, time.perf_counter() - started, None)
+        self.metrics.observe_request(label_name, label_version, time.perf_counter() - started, None)
         return result
 
     @staticmethod

@@ -1,0 +1,97 @@
+"""The model manager and the v2 service in-process, with a runtime whose load we control."""
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maas import runtimes
+from maas.errors import ArtifactIntegrityError, NotFound, Unavailable
+from maas.registry import Registry
+from maas.serving.api.v2.service import V2Service
+from maas.serving.manager import Loading, ModelManager
+from maas.serving.metrics import ServerMetrics
+from maas.testing.models import make_linear_model
+from tests.unit.test_registry import flip_byte
+
+
+class GatedLoad:
+    """Replaces runtimes.load: each load waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.real = runtimes.load
+
+    def __call__(self, path: Path, format: str, *, device: str = "cpu") -> runtimes.Runtime:
+        assert self.gate.wait(10)
+        return self.real(path, format, device=device)
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> GatedLoad:
+    g = GatedLoad()
+    monkeypatch.setattr(runtimes, "load", g)
+    return g
+
+
+def _manager(registry: Registry) -> ModelManager:
+    return ModelManager(registry, watch_interval_s=0.05)
+
+
+def test_loading_model_is_503_after_the_wait_then_served(registry: Registry, tmp_path: Path, gated: GatedLoad) -> None:
+    registry.register(make_linear_model(tmp_path / "a.onnx"), "lin")
+    manager = _manager(registry)
+    manager.sync()
+    assert manager.ready() == (False, "loading models")
+    with pytest.raises(Loading):
+        manager.lookup("lin")
+    assert manager.model_ready("lin", None)[0] is False
+    with ThreadPoolExecutor(2) as pool:
+        service = V2Service(manager, ServerMetrics(), pool, load_wait_s=0.1)
+        with pytest.raises(Unavailable, match="loading"):
+            asyncio.run(service.acquire("lin", None))
+        gated.gate.set()
+        loaded = asyncio.run(service.acquire("lin", None))
+    assert loaded.version == 1
+    out = loaded.runtime.infer({"x": np.ones((2, 4), np.float32)})
+    assert out["y"].shape == (2, 2)
+
+
+def test_swap_happens_only_after_the_new_version_loaded(registry: Registry, tmp_path: Path, gated: GatedLoad) -> None:
+    registry.register(make_linear_model(tmp_path / "a.onnx", seed=1), "lin", alias="production")
+    registry.register(make_linear_model(tmp_path / "b.onnx", seed=2), "lin")
+    manager = _manager(registry)
+    gated.gate.set()
+    for ev in manager.sync():
+        ev.wait(10)
+    assert manager.lookup("lin").version == 1
+    gated.gate.clear()
+    registry.set_alias("lin", "production", 2)
+    events = manager.sync()
+    assert manager.lookup("lin").version == 1  # still the old one while 2 loads
+    gated.gate.set()
+    for ev in events:
+        ev.wait(10)
+    assert manager.lookup("lin").version == 2
+    assert manager.lookup("lin", "1").version == 1  # explicit versions stay reachable
+
+
+def test_corrupt_model_fails_alone(registry: Registry, tmp_path: Path) -> None:
+    bad = registry.register(make_linear_model(tmp_path / "a.onnx"), "bad")
+    registry.register(make_linear_model(tmp_path / "b.onnx", seed=2), "good")
+    flip_byte(registry.artifacts.local_path(bad.artifact_digest))
+    manager = _manager(registry)
+    for ev in manager.sync():
+        ev.wait(10)
+    with pytest.raises(ArtifactIntegrityError, match="digest mismatch"):
+        manager.lookup("bad")
+    assert manager.lookup("good").version == 1
+    ok, why = manager.model_ready("bad", None)
+    assert not ok and "digest mismatch" in why
+    with pytest.raises(NotFound):
+        manager.lookup("missing")
+    with pytest.raises(NotFound):
+        manager.lookup("good", "5")
