@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from maas.errors import InvalidInput
 from maas.tensors import Signature
+
+log = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -44,3 +48,25 @@ class Format(Protocol):
     def load(self, path: Path, *, device: str = "cpu") -> Runtime:
         """Load the artifact for inference. Never executes code stored in the file."""
         ...
+
+
+def resolve_device(device: str, *, cuda_available: bool, runtime: str) -> str:
+    """``cpu``, ``cuda`` or ``auto`` -> the device to use; ``cuda`` without CUDA falls back to the CPU with a
+    warning naming ``runtime``."""
+    if device not in ("cpu", "cuda", "auto"):
+        raise InvalidInput(f"unknown device {device!r}; expected cpu, cuda or auto")
+    if device == "cuda" and not cuda_available:
+        log.warning("device 'cuda' requested but %s sees no CUDA device; running on the CPU", runtime)
+    return "cuda" if device != "cpu" and cuda_available else "cpu"
+
+
+def select_outputs(signature: Signature, outputs: Sequence[str] | None) -> list[str]:
+    """The requested output names in signature order; all of them when ``outputs`` is None."""
+    known = [s.name for s in signature.outputs]
+    if outputs is None:
+        return known
+    unknown = [n for n in outputs if n not in known]
+    if unknown:
+        raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model returns {', '.join(known)}")
+    wanted = set(outputs)
+    return [n for n in known if n in wanted]

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from maas.errors import InvalidInput
+from maas.runtimes.base import resolve_device, select_outputs
 from maas.tensors import Signature, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -36,27 +37,6 @@ _DATATYPES: dict[int, str] = {
     onnx.TensorProto.BOOL: "BOOL",
     onnx.TensorProto.STRING: "BYTES",
 }
-
-
-def _resolve_device(device: str, *, cuda_available: bool) -> str:
-    """``cpu``, ``cuda`` or ``auto`` -> the device to use; ``cuda`` falls back to the CPU with a warning."""
-    if device not in ("cpu", "cuda", "auto"):
-        raise InvalidInput(f"unknown device {device!r}; expected cpu, cuda or auto")
-    if device == "cuda" and not cuda_available:
-        logger.warning("device 'cuda' requested but onnxruntime has no CUDAExecutionProvider; running on the CPU")
-    return "cuda" if device != "cpu" and cuda_available else "cpu"
-
-
-def _select_outputs(signature: Signature, outputs: Sequence[str] | None) -> list[str]:
-    """The requested output names in signature order; all of them when ``outputs`` is None."""
-    known = [s.name for s in signature.outputs]
-    if outputs is None:
-        return known
-    unknown = [n for n in outputs if n not in known]
-    if unknown:
-        raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model returns {', '.join(known)}")
-    wanted = set(outputs)
-    return [n for n in known if n in wanted]
 
 
 def _spec(value: onnx.ValueInfoProto, path: Path) -> TensorSpec:
@@ -134,7 +114,7 @@ class OnnxRuntime:
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         if self._session is None:
             raise RuntimeError("this ONNX runtime was closed; load the model again")
-        names = _select_outputs(self.signature, outputs)
+        names = select_outputs(self.signature, outputs)
         missing = [s.name for s in self.signature.inputs if s.name not in inputs]
         if missing:
             raise InvalidInput(f"missing input(s) {', '.join(missing)}; the model takes {_names(self.signature)}")
@@ -164,7 +144,9 @@ class OnnxFormat:
 
     def load(self, path: Path, *, device: str = "cpu") -> OnnxRuntime:
         signature = self.inspect(path)
-        want = _resolve_device(device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers())
+        want = resolve_device(
+            device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers(), runtime="onnxruntime"
+        )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want == "cuda" else ["CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,9 +24,8 @@ from torch.export.passes import move_to_device_pass
 from torch.utils import _pytree as pytree
 
 from maas.errors import InvalidInput
+from maas.runtimes.base import resolve_device, select_outputs
 from maas.tensors import Signature, TensorSpec
-
-logger = logging.getLogger(__name__)
 
 #: Extra file in the archive that names inputs and outputs (written by :func:`maas.runtimes.export.export`).
 NAMES_FILE = "maas.json"
@@ -46,31 +44,6 @@ _DATATYPES: dict[torch.dtype, str] = {
     torch.uint64: "UINT64",
     torch.bool: "BOOL",
 }
-
-
-def _resolve_device(device: str) -> str:
-    """``cpu``, ``cuda`` or ``auto`` -> the device to use; ``cuda`` falls back to the CPU with a warning."""
-    if device not in ("cpu", "cuda", "auto"):
-        raise InvalidInput(f"unknown device {device!r}; expected cpu, cuda or auto")
-    if device == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        logger.warning("device 'cuda' requested but torch sees no CUDA device; running on the CPU")
-    return "cpu"
-
-
-def _select_outputs(signature: Signature, outputs: Sequence[str] | None) -> list[str]:
-    """The requested output names in signature order; all of them when ``outputs`` is None."""
-    known = [s.name for s in signature.outputs]
-    if outputs is None:
-        return known
-    unknown = [n for n in outputs if n not in known]
-    if unknown:
-        raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model returns {', '.join(known)}")
-    wanted = set(outputs)
-    return [n for n in known if n in wanted]
 
 
 def _check_archive(path: Path, zf: zipfile.ZipFile) -> None:
@@ -200,7 +173,7 @@ class TorchExportRuntime:
         module = self._module
         if module is None:
             raise RuntimeError("this torch.export runtime was closed; load the model again")
-        names = _select_outputs(self.signature, outputs)
+        names = select_outputs(self.signature, outputs)
         missing = [s.name for s in self.signature.inputs if s.name not in inputs]
         if missing:
             known = ", ".join(s.name for s in self.signature.inputs)
@@ -230,7 +203,7 @@ class TorchExportFormat:
         return _signature(program, names, path)
 
     def load(self, path: Path, *, device: str = "cpu") -> TorchExportRuntime:
-        used = _resolve_device(device)
+        used = resolve_device(device, cuda_available=torch.cuda.is_available(), runtime="torch")
         program, names = _load_program(path)
         signature = _signature(program, names, path)
         if used == "cuda":
