@@ -52,6 +52,11 @@ class PayloadTooLarge(MaasError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class UnsupportedMediaType(MaasError):
+    http_status = 415
+    grpc_code = "INVALID_ARGUMENT"
+
+
 class RateLimited(MaasError):
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"

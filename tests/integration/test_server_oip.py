@@ -150,3 +150,61 @@ def test_metrics_count_requests_by_model_version_and_outcome(
     assert 'maas_inference_request_duration_seconds_bucket{le="0.005",model="linear",version="1"}' in text
     assert 'maas_model_load_seconds{model="linear",version="1"}' in text
     assert "maas_loaded_models 2.0" in text
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "body", "status", "words"),
+    [
+        ("/v2/models/linear/infer", {"Inference-Header-Content-Length": "²".encode()}, b"{}", 400, "byte count"),
+        ("/v2/models/linear/infer", {"Inference-Header-Content-Length": "9" * 5000}, b"{}", 400, "byte count"),
+        ("/v2/models/linear/infer", {"Inference-Header-Content-Length": "999"}, b"{}", 400, "999"),
+        ("/v2/models/linear/versions/²/infer", {}, b"{}", 400, "version"),
+        ("/v2/models/linear/versions/99999999999999999999/infer", {}, b"{}", 400, "version"),
+        ("/v2/models/linear/infer", {}, b'{"inputs": [{"data": [' + b"9" * 5000 + b"]}]}", 400, "JSON"),
+        ("/v2/models/linear/infer", {"Content-Encoding": "br"}, b"{}", 415, "Content-Encoding"),
+        ("/v2/models/linear/infer", {"Content-Encoding": "gzip"}, b"not gzip", 400, "gzip"),
+    ],
+)
+def test_hostile_requests_get_4xx_not_500(
+    served: tuple[RemoteServer, Registry, dict[str, Path]],
+    path: str,
+    headers: dict[str, str | bytes],
+    body: bytes,
+    status: int,
+    words: str,
+) -> None:
+    server, _, _ = served
+    r = _post(server, path, content=body, headers=headers)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert server.alive()
+
+
+def test_empty_outputs_list_means_all_outputs(served: tuple[RemoteServer, Registry, dict[str, Path]]) -> None:
+    server, _, _ = served
+    r = _post(server, "/v2/models/linear/infer", json={"inputs": [_good_input()], "outputs": []})
+    assert r.status_code == 200, r.text
+    assert [o["name"] for o in r.json()["outputs"]] == ["y"]
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_request_compression(
+    served: tuple[RemoteServer, Registry, dict[str, Path]], algorithm: str
+) -> None:
+    server, _, files = served
+    x = np.random.default_rng(1).standard_normal((16, 4)).astype(np.float32)
+    want = ort.InferenceSession(str(files["linear"])).run(None, {"x": x})[0]
+    client = httpclient.InferenceServerClient(server.address)
+    inp = httpclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    result = client.infer("linear", [inp], request_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("y"), want)
+
+
+def test_gzip_bomb_is_413(served: tuple[RemoteServer, Registry, dict[str, Path]]) -> None:
+    import gzip
+
+    server, _, _ = served
+    bomb = gzip.compress(b" " * (8 * 1024 * 1024))  # 8 MiB inflated; the test server's limit is 1 MiB
+    r = _post(server, "/v2/models/linear/infer", content=bomb, headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 413 and "inflates" in r.json()["error"]

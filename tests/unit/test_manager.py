@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,3 +96,50 @@ def test_corrupt_model_fails_alone(registry: Registry, tmp_path: Path) -> None:
         manager.lookup("missing")
     with pytest.raises(NotFound):
         manager.lookup("good", "5")
+
+
+def test_deleted_and_reregistered_model_is_not_served_from_a_stale_cache(registry: Registry, tmp_path: Path) -> None:
+    first = registry.register(make_linear_model(tmp_path / "a.onnx", seed=1), "m")
+    manager = _manager(registry)
+    for ev in manager.sync():
+        ev.wait(10)
+    assert manager.lookup("m").version_info.artifact_digest == first.artifact_digest
+    registry.delete_model("m")
+    second = registry.register(make_linear_model(tmp_path / "b.onnx", seed=2), "m")
+    assert second.version == 1 and second.artifact_digest != first.artifact_digest
+    for ev in manager.sync():
+        ev.wait(10)
+    assert manager.lookup("m").version_info.artifact_digest == second.artifact_digest
+    assert manager.lookup("m", "1").version_info.artifact_digest == second.artifact_digest
+
+
+def test_deleted_version_is_no_longer_served(registry: Registry, tmp_path: Path) -> None:
+    registry.register(make_linear_model(tmp_path / "a.onnx", seed=1), "m")
+    registry.register(make_linear_model(tmp_path / "b.onnx", seed=2), "m")
+    manager = _manager(registry)
+    manager.sync()
+    assert manager.acquire_blocking("m", "1").version == 1
+    registry.delete_version("m", 1)
+    manager.sync()
+    with pytest.raises(NotFound):
+        manager.lookup("m", "1")
+
+
+def test_failed_explicit_version_recovers_once_the_artifact_is_restored(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import maas.serving.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "RETRY_FAILED_S", 0.3)
+    mv = registry.register(make_linear_model(tmp_path / "a.onnx"), "m")
+    path = registry.artifacts.local_path(mv.artifact_digest)
+    good = path.read_bytes()
+    flip_byte(path)
+    manager = _manager(registry)
+    with pytest.raises(ArtifactIntegrityError):
+        manager.acquire_blocking("m", "1")
+    path.write_bytes(good)
+    with pytest.raises(ArtifactIntegrityError):  # failures are remembered for RETRY_FAILED_S
+        manager.acquire_blocking("m", "1")
+    time.sleep(0.4)
+    assert manager.acquire_blocking("m", "1").version == 1

@@ -46,3 +46,19 @@ def test_aliases() -> None:
     for bad in ["Production", "1st", "latest", "a/b", "", "x" * 64]:
         with pytest.raises(InvalidInput):
             validate_alias(bad)
+
+
+@pytest.mark.parametrize("text", ["lin\n", "production\n"])
+def test_trailing_newline_is_not_a_valid_name(text: str) -> None:
+    with pytest.raises(InvalidInput):
+        validate_name(text)
+    with pytest.raises(InvalidInput):
+        validate_alias(text)
+
+
+@pytest.mark.parametrize("text", ["²", "0", "-1", "99999999999", "1e3", " 1"])
+def test_bad_version_numbers(text: str) -> None:
+    from maas.registry.uri import parse_version
+
+    with pytest.raises(InvalidInput):
+        parse_version(text)

@@ -7,10 +7,13 @@ place, so a reader never sees a partial file. The registry commits the database 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
-import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -45,6 +48,12 @@ class ArtifactStore(Protocol):
 
     def delete(self, digest: str) -> None: ...
 
+    def guard(self, *, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+        """Held (shared) by writers from storing an artifact until its version is committed, and
+        (exclusive) by deleters from deciding an artifact is unused until it is gone: so a delete never
+        removes bytes that a concurrent registration of the same content is about to reference."""
+        ...
+
 
 class LocalArtifactStore:
     """Artifacts as files under ``root/sha256/<2 hex>/<64 hex>``."""
@@ -52,6 +61,27 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._tmp = root / "tmp"
+        self._clear_stale_uploads()
+
+    @contextlib.contextmanager
+    def guard(self, *, exclusive: bool) -> Iterator[None]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _clear_stale_uploads(self, older_than_s: float = 3600.0) -> None:
+        """Remove uploads a crash left behind (never visible as versions); recent ones may be in flight."""
+        if not self._tmp.is_dir():
+            return
+        cutoff = time.time() - older_than_s
+        for leftover in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
 
     def _path(self, digest: str) -> Path:
         algo, _, hexdigest = digest.partition(":")
@@ -101,10 +131,6 @@ class LocalArtifactStore:
     def delete(self, digest: str) -> None:
         path = self._path(digest)
         path.unlink(missing_ok=True)
-
-    def clear_tmp(self) -> None:
-        """Remove uploads left behind by a crash (never visible as versions)."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
 
 
 def _fsync_dir(path: Path) -> None:

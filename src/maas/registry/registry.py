@@ -39,6 +39,16 @@ def _actor(actor: str | None) -> str | None:
         return None
 
 
+def _metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"metric {k!r} must be a number, got {v!r}") from None
+    return out
+
+
 class Registry:
     """Registered models, their numbered versions, aliases and lineage.
 
@@ -97,30 +107,26 @@ class Registry:
             raise InvalidInput(f"{path} is not a file; give the path of a model file (.onnx or .pt2)")
         fmt = format or runtimes.detect_format(path)
         sig = signature or runtimes.inspect(path, fmt)
-        clean_metrics = {}
-        for k, v in (metrics or {}).items():
-            try:
-                clean_metrics[str(k)] = float(v)
-            except (TypeError, ValueError):
-                raise InvalidInput(f"metric {k!r} must be a number, got {v!r}") from None
+        clean_metrics = _metrics(metrics or {})
         parent_ref = None
         if parent is not None:
             parent_ref = self.resolve(parent).uri
-        digest, size = self.artifacts.put(path)
-        version = self.store.create_version(
-            name,
-            format=fmt,
-            signature=sig,
-            digest=digest,
-            size=size,
-            description=description,
-            tags={str(k): str(v) for k, v in (tags or {}).items()},
-            metrics=clean_metrics,
-            lineage=Lineage(
-                parent=parent_ref, source_run=source_run, creator=_actor(creator), extra=dict(lineage_extra or {})
-            ),
-            alias=alias,
-        )
+        with self.artifacts.guard(exclusive=False):
+            digest, size = self.artifacts.put(path)
+            version = self.store.create_version(
+                name,
+                format=fmt,
+                signature=sig,
+                digest=digest,
+                size=size,
+                description=description,
+                tags={str(k): str(v) for k, v in (tags or {}).items()},
+                metrics=clean_metrics,
+                lineage=Lineage(
+                    parent=parent_ref, source_run=source_run, creator=_actor(creator), extra=dict(lineage_extra or {})
+                ),
+                alias=alias,
+            )
         log.info("registered %s (%s, %s)", version.uri, fmt, digest)
         return version
 
@@ -138,7 +144,7 @@ class Registry:
             version,
             description=description,
             tags=dict(tags) if tags else None,
-            metrics={k: float(v) for k, v in metrics.items()} if metrics else None,
+            metrics=_metrics(metrics) if metrics else None,
         )
 
     # --- reading -------------------------------------------------------------------------------
@@ -196,14 +202,18 @@ class Registry:
     def delete_version(self, name: str, version: int, *, force: bool = False, actor: str | None = None) -> ModelVersion:
         """Delete one version. Refused (``Conflict``) while an alias points at it, unless ``force``,
         which deletes those aliases too. The artifact is removed once no version uses it."""
-        mv, still_used = self.store.delete_version(validate_name(name), int(version), force=force, actor=_actor(actor))
-        if not still_used:
-            self.artifacts.delete(mv.artifact_digest)
+        with self.artifacts.guard(exclusive=True):
+            mv, still_used = self.store.delete_version(
+                validate_name(name), int(version), force=force, actor=_actor(actor)
+            )
+            if not still_used:
+                self.artifacts.delete(mv.artifact_digest)
         return mv
 
     def delete_model(self, name: str) -> None:
-        for digest in self.store.delete_model(validate_name(name)):
-            self.artifacts.delete(digest)
+        with self.artifacts.guard(exclusive=True):
+            for digest in self.store.delete_model(validate_name(name)):
+                self.artifacts.delete(digest)
 
     # --- artifacts -----------------------------------------------------------------------------
 
@@ -246,3 +256,8 @@ class Registry:
     def serving_targets(self) -> list[ServingTarget]:
         """What each bare model name means right now; polled by the server to follow alias moves."""
         return self.store.serving_targets(DEFAULT_ALIAS)
+
+    def version_digests(self) -> dict[tuple[str, int], str]:
+        """Every existing (name, version) and its artifact digest; lets a server drop what was deleted or
+        replaced (a model deleted and registered again reuses its version numbers)."""
+        return self.store.version_digests()

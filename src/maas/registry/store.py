@@ -461,6 +461,19 @@ class SqlStore:
 
         return self._read(tx)
 
+    def version_digests(self) -> dict[tuple[str, int], str]:
+        """Every existing (name, version) with its artifact digest."""
+
+        def tx(s: Session) -> dict[tuple[str, int], str]:
+            rows = s.execute(
+                select(ModelRow.name, VersionRow.version, VersionRow.artifact_digest).join(
+                    VersionRow, VersionRow.model_id == ModelRow.id
+                )
+            )
+            return {(n, v): d for n, v, d in rows}
+
+        return self._read(tx)
+
     def digest_in_use(self, digest: str) -> bool:
         return self._read(
             lambda s: (s.scalar(select(func.count(VersionRow.id)).where(VersionRow.artifact_digest == digest)) or 0) > 0

@@ -23,7 +23,7 @@ def validate_name(name: str) -> str:
         raise InvalidInput("model name is empty; use letters, digits, '-', '_' and '.'")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInput(f"model name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
-    if ".." in name or not _NAME.match(name):
+    if ".." in name or not _NAME.fullmatch(name):
         raise InvalidInput(
             f"invalid model name {name!r}: use letters, digits, '-', '_' and '.', starting with a letter or digit, "
             "with no '..' and no path separators (e.g. 'digits' or 'minilm-int8')"
@@ -32,7 +32,7 @@ def validate_name(name: str) -> str:
 
 
 def validate_alias(alias: str, *, settable: bool = True) -> str:
-    if not isinstance(alias, str) or not _ALIAS.match(alias):
+    if not isinstance(alias, str) or not _ALIAS.fullmatch(alias):
         raise InvalidInput(
             f"invalid alias {alias!r}: use lowercase letters, digits, '-' and '_', starting with a letter "
             "(e.g. 'production', 'staging')"
@@ -44,8 +44,12 @@ def validate_alias(alias: str, *, settable: bool = True) -> str:
     return alias
 
 
+MAX_VERSION = 2**31 - 1
+
+
 def parse_version(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    """A version number from text: ASCII digits, 1 to 2**31-1 (the database's integer)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 10) or not 1 <= int(text) <= MAX_VERSION:
         raise InvalidInput(f"invalid version {text!r}: versions are whole numbers from 1")
     return int(text)
 

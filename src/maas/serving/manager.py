@@ -93,6 +93,7 @@ class ModelManager:
         self.watch_interval_s = watch_interval_s
         self.metrics = metrics or ServerMetrics()
         self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # one sync at a time, so an older snapshot never lands after a newer
         self._slots: dict[tuple[str, int], _Slot] = {}
         self._deployments: dict[str, _Deployment] = {}
         self._loader = ThreadPoolExecutor(max_workers=load_workers, thread_name_prefix="maas-load")
@@ -142,9 +143,15 @@ class ModelManager:
     def sync(self) -> list[threading.Event]:
         """Read what each bare name should mean and start loading whatever is new; returns the events
         of loads started or in progress."""
+        with self._sync_lock:
+            return self._sync()
+
+    def _sync(self) -> list[threading.Event]:
         targets = {t.name: t for t in self.registry.serving_targets() if self.only is None or t.name in self.only}
+        digests = self.registry.version_digests()
         events = []
         with self._lock:
+            self._drop_stale(digests)
             for name in list(self._deployments):
                 if name not in targets:
                     del self._deployments[name]
@@ -165,6 +172,18 @@ class ModelManager:
                     self._switch(dep, slot.loaded)
                 events.append(slot.done)
         return events
+
+    def _drop_stale(self, digests: dict[tuple[str, int], str]) -> None:
+        """Forget loaded versions that were deleted, or replaced by other bytes under the same number."""
+        for key, slot in list(self._slots.items()):
+            loaded = slot.loaded
+            gone = key not in digests or (loaded is not None and loaded.version_info.artifact_digest != digests[key])
+            if gone and slot.done.is_set():
+                del self._slots[key]
+        for dep in self._deployments.values():
+            cur = dep.current
+            if cur is not None and digests.get((dep.name, cur.version)) != cur.version_info.artifact_digest:
+                dep.current = None
 
     def _switch(self, dep: _Deployment, loaded: LoadedModel) -> None:
         old = dep.current.version if dep.current else None
@@ -198,6 +217,7 @@ class ModelManager:
             err = exc if isinstance(exc, MaasError) else Unavailable(f"models:/{name}/{version} failed to load: {exc}")
             self.metrics.load_failures.labels(name, str(version)).inc()
             log.error("cannot load models:/%s/%s: %s", name, version, err)
+            slot.finished_at = time.monotonic()
             slot.error = err
         finally:
             slot.finished_at = time.monotonic()
@@ -237,6 +257,9 @@ class ModelManager:
         key = (name, parse_version(version))
         with self._lock:
             slot = self._slots.get(key)
+            if slot is not None and slot.error is not None and time.monotonic() - slot.finished_at > RETRY_FAILED_S:
+                del self._slots[key]  # retry: the artifact may have been restored
+                slot = None
         if slot is None:
             self.check_served(name)
             self.registry.get_version(name, int(version))  # NotFound for an unknown version
@@ -266,12 +289,22 @@ class ModelManager:
 
     @staticmethod
     def _from_slot(slot: _Slot, what: str) -> LoadedModel:
-        slot.last_used = time.monotonic()
         if slot.loaded is not None:
+            slot.last_used = time.monotonic()
             return slot.loaded
         if slot.error is not None:
             raise slot.error
         raise Loading(slot.done, what)
+
+    def acquire_blocking(self, name: str, version: str | None, wait_s: float = 30.0) -> LoadedModel:
+        """:meth:`lookup`, waiting up to ``wait_s`` for a load (for callers outside the event loop)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.lookup(name, version)
+            except Loading as loading:
+                if not loading.event.wait(max(0.0, deadline - time.monotonic())):
+                    raise Unavailable(f"{loading.what} is loading; retry shortly") from None
 
     def knows(self, name: str) -> bool:
         """Whether ``name`` is a model this server serves (safe to use as a metrics label)."""

@@ -202,6 +202,8 @@ def _parse_json(header: bytes) -> dict[str, Any]:
         raise InvalidInput(f"request JSON is not valid UTF-8 ({e}); check Inference-Header-Content-Length") from None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer literal past Python's digit limit
+        raise InvalidInput(f"request body has a value JSON cannot hold: {e}") from None
     except RecursionError:
         raise InvalidInput("request JSON is nested too deeply") from None
     if not isinstance(request, dict):
@@ -311,7 +313,7 @@ def _requested_outputs(
     request: Mapping[str, Any], signature: Signature, binary_data_output: bool
 ) -> tuple[list[str] | None, set[str]]:
     raw_outputs = request.get("outputs")
-    if raw_outputs is None:
+    if raw_outputs is None or raw_outputs == []:  # an empty list asks for nothing in particular: all, as in Triton
         return None, set()
     if not isinstance(raw_outputs, list):
         raise InvalidInput(f"request 'outputs' must be a list, got {_json_type(raw_outputs)}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import zlib
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
-from maas.errors import InvalidInput
+from maas.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from maas.serving.api.v2.service import V2Service
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -20,9 +23,31 @@ def _header_length(request: Request) -> int | None:
     raw = request.headers.get(HEADER_LENGTH)
     if raw is None:
         return None
-    if not raw.strip().isdigit():
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
         raise InvalidInput(f"header Inference-Header-Content-Length must be a byte count, got {raw!r}")
     return int(raw)
+
+
+def _decompress(body: bytes, request: Request) -> bytes:
+    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), bounded by the body limit."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    limit = request.app.state.settings.max_request_bytes
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(
+            f"request body inflates to over the limit of {limit:,} bytes; send smaller batches or raise "
+            "MAAS_MAX_REQUEST_BYTES on the server"
+        )
+    return out
 
 
 def build_router() -> APIRouter:
@@ -69,6 +94,8 @@ def build_router() -> APIRouter:
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         header_length = _header_length(request)
         body = await request.body()
+        if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            body = await run_in_threadpool(_decompress, body, request)
         payload, headers = await _service(request).infer(name, version, body, header_length)
         media_type = headers.pop("Content-Type", "application/json")
         return Response(payload, media_type=media_type, headers=headers)

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from maas import __version__
-from maas.errors import Unavailable
+from maas.errors import MaasError, Unavailable
 from maas.registry import validate_name
 from maas.registry.uri import parse_version
 from maas.serving.api.v2 import protocol
@@ -89,5 +89,12 @@ class V2Service:
     @staticmethod
     def _infer(loaded: LoadedModel, body: bytes, header_length: int | None) -> tuple[bytes, dict[str, str]]:
         req = protocol.decode_request(body, header_length, loaded.version_info.signature)
-        outputs = loaded.runtime.infer(req.inputs, req.requested_outputs)
+        try:
+            outputs = loaded.runtime.infer(req.inputs, req.requested_outputs)
+        except MaasError:
+            raise
+        except Exception as exc:  # the runtime refused inputs the signature allowed, or the model itself failed
+            raise MaasError(
+                f"{loaded.version_info.uri} failed to run on this request: {type(exc).__name__}: {exc}"
+            ) from exc
         return protocol.encode_response(loaded.name, str(loaded.version), req.id, outputs, req.binary)
