@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from maas.registry import Registry
-from maas.testing.models import make_linear_model, make_multi_io_model
+from maas.testing.models import make_linear_model, make_multi_io_model, make_text_model
 from maas.testing.server import RemoteServer
 
 
@@ -25,9 +25,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
     files = {
         "multi": make_multi_io_model(tmp_path_factory.mktemp("m") / "multi.onnx", scale=3.0),
         "linear": make_linear_model(tmp_path_factory.mktemp("m") / "linear.onnx"),
+        "text": make_text_model(tmp_path_factory.mktemp("m") / "text.onnx"),
     }
     reg = Registry(home=home)
     reg.register(files["multi"], "multi", alias="production")
     reg.register(files["linear"], "linear")
+    reg.register(files["text"], "text")
     with RemoteServer(home, env={"MAAS_MAX_REQUEST_BYTES": str(1024 * 1024)}) as server:
         yield server, reg, files

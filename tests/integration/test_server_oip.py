@@ -149,7 +149,7 @@ def test_metrics_count_requests_by_model_version_and_outcome(
     assert 'maas_inference_requests_total{model="linear",outcome="client_error",version="1"}' in text
     assert 'maas_inference_request_duration_seconds_bucket{le="0.005",model="linear",version="1"}' in text
     assert 'maas_model_load_seconds{model="linear",version="1"}' in text
-    assert "maas_loaded_models 2.0" in text
+    assert "maas_loaded_models 3.0" in text
 
 
 @pytest.mark.parametrize(
@@ -208,3 +208,16 @@ def test_gzip_bomb_is_413(served: tuple[RemoteServer, Registry, dict[str, Path]]
     bomb = gzip.compress(b" " * (8 * 1024 * 1024))  # 8 MiB inflated; the test server's limit is 1 MiB
     r = _post(server, "/v2/models/linear/infer", content=bomb, headers={"Content-Encoding": "gzip"})
     assert r.status_code == 413 and "inflates" in r.json()["error"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bytes_tensors_round_trip(served: tuple[RemoteServer, Registry, dict[str, Path]], binary: bool) -> None:
+    server, _, _ = served
+    texts = np.array(["hello", "wörld", "", "a longer sentence with spaces"], dtype=object)
+    client = httpclient.InferenceServerClient(server.address)
+    inp = httpclient.InferInput("text", [len(texts)], "BYTES")
+    inp.set_data_from_numpy(texts, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("echo", "batch")]
+    result = client.infer("text", [inp], outputs=outputs)
+    assert [b.decode() if isinstance(b, bytes) else b for b in result.as_numpy("echo").tolist()] == texts.tolist()
+    assert result.as_numpy("batch").tolist() == [4]

@@ -73,3 +73,27 @@ def make_linear_model(path: Path, *, features: int = 4, outputs: int = 2, seed: 
     path = Path(path)
     onnx.save(model, str(path))
     return path
+
+
+def make_text_model(path: Path) -> Path:
+    """A BYTES model: ``text`` BYTES [-1] -> ``echo`` BYTES [-1] (identity) and ``batch`` INT64 [1] (its length)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["text"], ["echo"]),
+            helper.make_node("Shape", ["text"], ["batch"]),
+        ],
+        "text",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch"])],
+        [
+            helper.make_tensor_value_info("echo", TensorProto.STRING, ["batch"]),
+            helper.make_tensor_value_info("batch", TensorProto.INT64, [1]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
+    model.ir_version = 8
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
