@@ -25,7 +25,10 @@ def test_demo_smoke_serves_an_accurate_model(home: Path, cli_env: dict[str, str]
     assert match, proc.stdout
     served = int(match.group(2)) / int(match.group(3))
     assert served >= 0.9
-    mv = Registry().resolve("models:/digits@production")
+    reg = Registry()
+    mv = reg.resolve("models:/digits@production")
     assert mv.version == 1 and mv.format == "onnx"
-    # The server computed the same accuracy the registry recorded in-process.
-    assert served == pytest.approx(mv.metrics["accuracy"], abs=1e-9)
+    run = reg.get_run(mv.lineage.source_run or "")
+    assert run.strategy == "ddp" and run.world_size == 2 and run.status == "succeeded"
+    # The server's accuracy is the one the run measured in-process (ONNX vs torch may flip one near-tie).
+    assert abs(served - mv.metrics["accuracy"]) <= 1 / int(match.group(3))

@@ -37,7 +37,7 @@ def test_readme_walkthrough_runs(home: Path, tmp_path: Path) -> None:
         "COLUMNS": "200",
     }
     proc = subprocess.run(
-        ["bash", "-c", readme_script(port)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240
+        ["bash", "-c", readme_script(port)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
     )
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
@@ -47,6 +47,8 @@ def test_readme_walkthrough_runs(home: Path, tmp_path: Path) -> None:
     assert '"model_version":"2"' in out  # the explicit version route
     assert 'maas_inference_requests_total{model="digits",outcome="success",version="1"}' in out
     assert "ok, 0 failed" in out
+    assert "succeeded: ddp on 2 process(es)" in out and "published models:/digits/3" in out
+    assert "source run" in out
 
 
 def test_readme_lists_every_setting() -> None:

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import demo, models, serve
+from maas.cli import demo, models, runs, serve, train
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -23,8 +23,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(models.app, name="models")
+app.add_typer(runs.app, name="runs")
 app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
+app.command("train")(train.train)
 
 
 def _version(value: bool) -> None:
@@ -43,12 +45,14 @@ def main(
 
 def run() -> None:
     """Console-script entry point: turns maas errors into a one-line message and exit code 1."""
+    from rich.markup import escape
+
     from maas.cli.output import err_console
 
     try:
         app()
     except MaasError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from maas.cli.output import console, fail, print_json
@@ -110,7 +111,7 @@ def show(
         if as_json:
             print_json({**model.to_dict(), "versions": [v.to_dict() for v in versions]})
             return
-        console.print(f"[bold]{model.name}[/]  {model.description}")
+        console.print(f"[bold]{model.name}[/]  {escape(model.description)}")
         table = Table("version", "format", "aliases", "metrics", "size", "created", "signature")
         for v in versions:
             metrics = ", ".join(f"{k}={val:.4g}" for k, val in v.metrics.items())
@@ -141,6 +142,7 @@ def show(
         ("parent", mv.lineage.parent or "-"),
         ("source run", mv.lineage.source_run or "-"),
         ("creator", mv.lineage.creator or "-"),
+        *[(k.replace("_", " "), escape(str(v))) for k, v in mv.lineage.extra.items() if not isinstance(v, dict)],
         ("created", mv.created_at.isoformat()),
         ("artifact", f"{mv.artifact_digest} ({mv.artifact_size:,} bytes)"),
     ]:
@@ -228,7 +230,7 @@ def verify(
             if r.ok:
                 console.print(f"[green]ok[/]   {r.name}/{r.version}  {r.expected}")
             else:
-                console.print(f"[red]FAIL[/] {r.name}/{r.version}  {r.message}", soft_wrap=True)
+                console.print(f"[red]FAIL[/] {r.name}/{r.version}  {escape(r.message)}", soft_wrap=True)
         console.print(f"{len(results) - len(bad)} ok, {len(bad)} failed")
     if bad:
         raise typer.Exit(1)

@@ -28,21 +28,42 @@ def load_digits_split(test_size: float = 0.25, seed: int = 0) -> DigitsData:
     return DigitsData(x_tr, y_tr, x_te, y_te)
 
 
-def build_model(hidden: int = 128):  # type: ignore[no-untyped-def]
-    """An MLP 64 -> hidden -> 10 that returns class probabilities and the predicted label."""
+def train_dataset():  # type: ignore[no-untyped-def]
+    """The training split as a TensorDataset of (pixels FP32 [64], label INT64): a `data.train` factory."""
     import torch
+    from torch.utils.data import TensorDataset
+
+    d = load_digits_split()
+    return TensorDataset(torch.from_numpy(d.x_train), torch.from_numpy(d.y_train))
+
+
+def test_dataset():  # type: ignore[no-untyped-def]
+    """The test split, the same way: a `data.eval` factory."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    d = load_digits_split()
+    return TensorDataset(torch.from_numpy(d.x_test), torch.from_numpy(d.y_test))
+
+
+def mlp(hidden: int = 128, depth: int = 1):  # type: ignore[no-untyped-def]
+    """An MLP 64 -> hidden (x depth) -> 10 returning logits: a `model.factory`."""
     from torch import nn
 
-    class DigitsClassifier(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+    layers: list[nn.Module] = []
+    width = 64
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
 
-        def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = self.net(pixels)
-            return torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
 
-    return DigitsClassifier()
+def build_model(hidden: int = 128):  # type: ignore[no-untyped-def]
+    """``mlp`` behind a classifier head: returns (probabilities, label); ``.model`` gives the logits."""
+    from maas.training.publish import ClassifierHead
+
+    return ClassifierHead(mlp(hidden))
 
 
 def train(
@@ -54,7 +75,8 @@ def train(
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
 ):  # type: ignore[no-untyped-def]
-    """Train with Adam on cross-entropy; returns the model in eval mode."""
+    """A plain hand-written loop (Adam on cross-entropy), no maas training machinery: the reference the
+    training benchmark compares against, and a quick way to get a model. Returns it in eval mode."""
     import torch
     from torch import nn
 
@@ -72,7 +94,7 @@ def train(
         for i in range(0, len(x), batch_size):
             idx = perm[i : i + batch_size]
             opt.zero_grad()
-            loss = loss_fn(model.net(x[idx]), y[idx])
+            loss = loss_fn(model.model(x[idx]), y[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)

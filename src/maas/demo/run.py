@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from maas import envs
 from maas.registry import ModelVersion, Registry
@@ -63,56 +60,50 @@ def _pick_port(host: str, wanted: int) -> int:
         return int(s.getsockname()[1])
 
 
-def train_and_register(console: Console, registry: Registry) -> ModelVersion:
-    from maas.demo.digits import accuracy, load_digits_split, train
-    from maas.runtimes.export import export
+DEMO_CONFIG: dict[str, object] = {
+    "name": "digits-demo",
+    "model": {"factory": "maas.demo.digits:mlp", "kwargs": {"hidden": 128}},
+    "data": {"train": "maas.demo.digits:train_dataset", "eval": "maas.demo.digits:test_dataset"},
+    "optimizer": {"name": "adamw", "lr": 0.002, "weight_decay": 0.0001},
+    "schedule": {"name": "cosine", "warmup_steps": 20},
+    "steps": 400,
+    "batch_size": 64,
+    "seed": 0,
+    "deterministic": True,
+    "eval": {"metric": "accuracy"},
+    "checkpoint": {"every_steps": 200},
+    "strategy": {"name": "ddp"},
+    "log_every": 20,
+    "publish": {
+        "name": MODEL_NAME,
+        "alias": "production",
+        "head": "classifier",
+        "input_names": ["pixels"],
+        "description": "MLP 64-128-10 on scikit-learn's handwritten digits, trained with ddp on 2 processes",
+    },
+}
 
-    data = load_digits_split()
+
+def train_and_register(console: Console, registry: Registry, nproc: int = 2) -> ModelVersion:
+    """Train with data parallelism on ``nproc`` processes; the run publishes ``digits@production``."""
+    from maas.training.launch import train
+
     console.print(
-        f"[bold]1. Train[/]  digits: {len(data.x_train)} training and {len(data.x_test)} test images (8x8, bundled "
-        "with scikit-learn)"
+        f"[bold]1. Train[/]  digits (1347 training, 450 test images, bundled with scikit-learn) with ddp on "
+        f"{nproc} processes"
     )
-    epochs = 40
-    with Progress(
-        TextColumn("   epoch {task.completed}/{task.total}"),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("train", total=epochs, loss=float("nan"))
-        model = train(data, epochs=epochs, on_epoch=lambda e, loss: progress.update(task, completed=e, loss=loss))
-    acc = accuracy(model, data.x_test, data.y_test)
-    console.print(f"   test accuracy in-process: [bold]{acc:.4f}[/]")
-
-    console.print("[bold]2. Export and register[/]")
-    with tempfile.TemporaryDirectory(prefix="maas-demo-") as tmp:
-        import torch
-
-        files = export(
-            model,
-            (torch.from_numpy(data.x_test[:8]),),
-            Path(tmp),
-            name=MODEL_NAME,
-            input_names=["pixels"],
-            output_names=["probabilities", "label"],
-            formats=("onnx",),
-        )
-        mv = registry.register(
-            files["onnx"],
-            MODEL_NAME,
-            description="MLP 64-128-10 on scikit-learn's handwritten digits",
-            metrics={"accuracy": acc},
-            tags={"dataset": "sklearn.load_digits", "task": "classification"},
-            alias="production",
-        )
+    run = train(DEMO_CONFIG, nproc_per_node=nproc, registry=registry)
+    console.print(
+        f"   run {run.id[:12]} {run.status}: test accuracy in-process [bold]{run.eval_metrics['accuracy']:.4f}[/]"
+    )
+    assert run.model_uri is not None
+    mv = registry.resolve(run.model_uri)
     sig = (
         ", ".join(s.describe() for s in mv.signature.inputs)
         + " -> "
         + ", ".join(s.describe() for s in mv.signature.outputs)
     )
-    console.print(f"   registered [bold]{mv.uri}[/] (alias production): {sig}")
+    console.print(f"[bold]2. Registered[/] [bold]{mv.uri}[/] (alias production): {sig}")
     return mv
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from maas.tensors import Signature
@@ -124,3 +124,91 @@ class ServingTarget:
     name: str
     version: int | None  # the `production` alias, else the latest version; None if the model has none
     aliases: dict[str, int] = field(default_factory=dict)
+
+
+#: Every status a training run can have; ``created`` until started, one of the last three once finished.
+RUN_STATUSES = ("created", "running", "succeeded", "failed", "interrupted")
+#: The statuses a run can finish with.
+RUN_END_STATUSES = ("succeeded", "failed", "interrupted")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """The metrics of one optimizer step. ``loss`` is NaN when the step diverged."""
+
+    step: int
+    loss: float
+    samples_per_s: float | None = None
+    lr: float | None = None
+    at: datetime = field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "samples_per_s": self.samples_per_s,
+            "lr": self.lr,
+            "at": self.at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    step: int
+    path: str
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "path": self.path, "created_at": self.created_at.isoformat()}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its config, where it stands, and what it produced."""
+
+    id: str  # 32 hex digits, made by maas
+    name: str | None
+    status: str  # one of RUN_STATUSES
+    strategy: str
+    world_size: int
+    config: dict[str, Any]
+    config_hash: str  # sha256 hex of the config as canonical JSON
+    created_at: datetime
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    model_uri: str | None = None  # models:/NAME/VERSION the run published
+    last_step: int | None = None  # the highest step logged
+    last_loss: float | None = None  # the loss at last_step
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from start to end; None until the run has both."""
+        if self.started_at is None or self.ended_at is None:
+            return None
+        return (self.ended_at - self.started_at).total_seconds()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "strategy": self.strategy,
+            "world_size": self.world_size,
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "created_at": self.created_at.isoformat(),
+            "started_at": self.started_at.isoformat() if self.started_at else None,
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+            "duration_s": self.duration_s,
+            "eval_metrics": dict(self.eval_metrics),
+            "error": self.error,
+            "model_uri": self.model_uri,
+            "last_step": self.last_step,
+            "last_loss": self.last_loss,
+        }

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import getpass
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from maas import envs
@@ -15,9 +16,13 @@ from maas.registry.entities import (
     Lineage,
     ModelVersion,
     RegisteredModel,
+    Run,
+    RunCheckpoint,
+    RunStep,
     ServingTarget,
     VerifyResult,
 )
+from maas.registry.runs import RunStore, StepLike
 from maas.registry.store import SqlStore
 from maas.registry.uri import LATEST, ModelRef, parse_ref, validate_alias, validate_name
 from maas.tensors import Signature
@@ -70,6 +75,7 @@ class Registry:
             url = f"sqlite:///{self.home / 'maas.db'}"
         self.store = SqlStore(url, busy_timeout_s=float(envs.MAAS_DB_BUSY_TIMEOUT_S))
         self.artifacts: ArtifactStore = artifacts or LocalArtifactStore(self.home / "artifacts")
+        self.runs = RunStore(self.store)
 
     # --- entering ------------------------------------------------------------------------------
 
@@ -261,3 +267,49 @@ class Registry:
         """Every existing (name, version) and its artifact digest; lets a server drop what was deleted or
         replaced (a model deleted and registered again reuses its version numbers)."""
         return self.store.version_digests()
+
+    # --- training runs -------------------------------------------------------------------------
+
+    def create_run(
+        self, config: Mapping[str, object], *, strategy: str, world_size: int, name: str | None = None
+    ) -> Run:
+        """Record a new training run (status ``created``) with a fresh id; ``config`` must be plain JSON
+        values and is hashed as canonical JSON into ``config_hash``."""
+        return self.runs.create_run(config, strategy=strategy, world_size=world_size, name=name)
+
+    def start_run(self, run_id: str) -> Run:
+        """Mark a run ``running``; a resumed run keeps its first ``started_at``. A succeeded run cannot restart."""
+        return self.runs.start_run(run_id)
+
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: str,
+        error: str | None = None,
+        eval_metrics: Mapping[str, float] | None = None,
+        model_uri: str | None = None,
+    ) -> Run:
+        """End a run as ``succeeded``, ``failed`` or ``interrupted``, with what it measured and published."""
+        return self.runs.finish_run(run_id, status=status, error=error, eval_metrics=eval_metrics, model_uri=model_uri)
+
+    def log_run_steps(self, run_id: str, steps: Iterable[StepLike]) -> int:
+        """Record step metrics in one transaction; a step logged again (after a resume) replaces the old one."""
+        return self.runs.log_run_steps(run_id, steps)
+
+    def add_run_checkpoint(self, run_id: str, step: int, path: str | os.PathLike[str]) -> RunCheckpoint:
+        return self.runs.add_run_checkpoint(run_id, step, path)
+
+    def get_run(self, run_id: str) -> Run:
+        """A run by its id or a unique prefix of at least 6 hex digits."""
+        return self.runs.get_run(run_id)
+
+    def list_runs(self, limit: int = 50, status: str | None = None) -> list[Run]:
+        """Runs, newest first, optionally only those with ``status``."""
+        return self.runs.list_runs(limit=limit, status=status)
+
+    def run_steps(self, run_id: str) -> list[RunStep]:
+        return self.runs.run_steps(run_id)
+
+    def run_checkpoints(self, run_id: str) -> list[RunCheckpoint]:
+        return self.runs.run_checkpoints(run_id)

@@ -29,7 +29,7 @@ from maas.tensors import Signature
 log = logging.getLogger(__name__)
 
 #: The newest Alembic revision; a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0001_registry"
+SCHEMA_HEAD = "0002_runs"
 
 T = TypeVar("T")
 

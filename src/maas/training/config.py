@@ -1,0 +1,240 @@
+"""The training config: one pydantic model per component, YAML in, unknown keys rejected.
+
+``load_config`` turns every mistake into one ``InvalidInput`` that lists each problem with where it is,
+what was wrong and the valid choices, before any process is launched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+from maas.errors import InvalidInput
+from maas.registry.runs import config_hash
+from maas.registry.uri import validate_alias, validate_name
+from maas.training.imports import check_import_path, resolve
+
+ImportPath = Annotated[str, Field(description="package.module:attribute")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    factory: ImportPath  # called with **kwargs, returns a torch.nn.Module producing the loss's input
+    kwargs: dict[str, Any] = {}
+
+    _check = field_validator("factory")(check_import_path)
+
+
+class DataConfig(_Strict):
+    train: ImportPath  # called with **kwargs, returns a map-style Dataset of (input, target) pairs
+    eval: ImportPath | None = None
+    kwargs: dict[str, Any] = {}
+    sharding: Literal["shard", "replicate"] = "shard"  # across data-parallel ranks
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return None if v is None else check_import_path(v)
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd, rmsprop
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw
+
+
+class RegularizationConfig(_Strict):
+    l1: float = Field(0.0, ge=0)  # added to the loss as l1 * sum(|w|)
+    l2: float = Field(0.0, ge=0)  # added to the loss as l2 * sum(w^2)
+
+
+class ScheduleConfig(_Strict):
+    name: Literal["constant", "step", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)  # linear warm-up from 0 before the schedule
+    step_size: PositiveInt = 100  # step: multiply by gamma every step_size steps
+    gamma: float = Field(0.1, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # cosine: the floor
+
+
+class EvalConfig(_Strict):
+    metric: str = "accuracy"  # accuracy, mse, or an import path fn(outputs, targets) -> float
+    every_steps: PositiveInt | None = None  # also evaluated at the end
+    batch_size: PositiveInt = 512
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, v: str) -> str:
+        return v if v in ("accuracy", "mse") else check_import_path(v)
+
+
+class CheckpointConfig(_Strict):
+    every_steps: PositiveInt | None = None  # also written at the end
+    keep: PositiveInt = 2
+
+
+class SingleStrategy(_Strict):
+    name: Literal["single"] = "single"
+
+
+class DDPStrategy(_Strict):
+    name: Literal["ddp"]
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+
+
+StrategyConfig = Annotated[SingleStrategy | DDPStrategy, Field(discriminator="name")]
+
+
+class PublishConfig(_Strict):
+    name: str
+    alias: str | None = None
+    formats: list[Literal["onnx", "torch_export"]] = ["onnx", "torch_export"]
+    register_format: Literal["onnx", "torch_export"] = "onnx"  # which export becomes the version
+    input_names: list[str] | None = None
+    output_names: list[str] | None = None
+    head: Literal["none", "classifier"] = "none"  # classifier: serve (probabilities, label) from logits
+    description: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        try:
+            return validate_name(v)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return validate_alias(v)
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+
+
+class TrainConfig(_Strict):
+    name: str | None = None
+    model: ModelConfig
+    data: DataConfig
+    loss: str = "cross_entropy"  # cross_entropy, mse, or an import path fn(outputs, targets) -> loss
+    optimizer: OptimizerConfig = OptimizerConfig()
+    regularization: RegularizationConfig = RegularizationConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    steps: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+    batch_size: PositiveInt  # global: summed over data-parallel ranks and accumulation
+    grad_accum: PositiveInt = 1
+    seed: int = 0
+    deterministic: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    eval: EvalConfig | None = None
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    strategy: StrategyConfig = SingleStrategy()
+    publish: PublishConfig | None = None
+    log_every: PositiveInt = 10
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        return v if v in ("cross_entropy", "mse") else check_import_path(v)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of steps or epochs")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        return self
+
+    def check_world(self, data_parallel: int) -> None:
+        """Whether the global batch splits evenly over ``data_parallel`` ranks and the accumulation steps."""
+        per = self.grad_accum * data_parallel
+        if self.batch_size % per:
+            raise InvalidInput(
+                f"batch_size {self.batch_size} does not split over {data_parallel} data-parallel rank(s) x "
+                f"{self.grad_accum} accumulation step(s); make it a multiple of {per}"
+            )
+
+    def resolve_imports(self) -> None:
+        """Import every user path now, so a typo fails before any process starts."""
+        resolve(self.model.factory, "model.factory")
+        resolve(self.data.train, "data.train")
+        if self.data.eval:
+            resolve(self.data.eval, "data.eval")
+        if ":" in self.loss:
+            resolve(self.loss, "loss")
+        if self.eval and ":" in self.eval.metric:
+            resolve(self.eval.metric, "eval.metric")
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json")
+        return data
+
+    def config_hash(self) -> str:
+        """The same hash the run record carries (sha256 of canonical JSON)."""
+        return config_hash(self.to_json())
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = TrainConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return None
+        model = candidates[0]
+    return model
+
+
+def format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is not a valid training config:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = f"; valid keys: {', '.join(_field_names(parent))}" if parent else ""
+            lines.append(f"  - unknown key {where!r}{valid}")
+        elif err["type"] == "union_tag_invalid":
+            lines.append(f"  - {where}: {err['msg']} (more strategies arrive in later releases)")
+        else:
+            lines.append(f"  - {where}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> TrainConfig:
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source} must be a YAML mapping of keys (model, data, batch_size, …)")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read and validate a YAML config (``yaml.safe_load`` only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
+    return parse_config(data, str(path))

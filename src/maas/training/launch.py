@@ -1,0 +1,132 @@
+"""``maas train``: validate the config, record the run, launch the workers through torchrun's elastic agent.
+
+The same call runs on one machine or many (c10d rendezvous). Workers that die are restarted by the agent
+(``max_restarts``) and resume from the run's last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from maas.errors import InvalidInput, MaasError
+from maas.registry import Registry
+from maas.registry.entities import Run
+from maas.training.config import TrainConfig, load_config, parse_config
+
+log = logging.getLogger(__name__)
+
+
+def _config(config: str | Path | dict[str, Any] | TrainConfig) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    return load_config(config)
+
+
+def check(cfg: TrainConfig, world_size: int) -> None:
+    """Everything that can be checked before a process starts: imports, strategy against world size, batch split."""
+    cfg.resolve_imports()
+    name = cfg.strategy.name
+    if name == "single" and world_size != 1:
+        raise InvalidInput(
+            f"strategy single runs on one process, but {world_size} were asked for; use strategy ddp "
+            "(or another parallel strategy), or --nproc-per-node 1"
+        )
+    dp = world_size if name == "ddp" else 1
+    cfg.check_world(dp)
+
+
+def train(
+    config: str | Path | dict[str, Any] | TrainConfig | None = None,
+    *,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    node_rank: int | None = None,
+    rdzv_endpoint: str | None = None,
+    resume: str | None = None,
+    max_restarts: int = 0,
+    registry: Registry | None = None,
+) -> Run:
+    """Run a training job to its end and return its record. ``resume`` continues a run (by id or unique
+    prefix) from its last complete checkpoint, with the config it was started with."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from maas.training import worker
+
+    if nproc_per_node < 1 or nnodes < 1:
+        raise InvalidInput("--nproc-per-node and --nnodes must be at least 1")
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise InvalidInput(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
+    if nnodes > 1 and not rdzv_endpoint:
+        raise InvalidInput("a multi-node run needs --rdzv-endpoint HOST:PORT, the same on every node")
+    registry = registry or Registry()
+    world_size = nproc_per_node * nnodes
+    if resume is not None:
+        run = registry.get_run(resume)
+        if run.status == "succeeded":
+            raise InvalidInput(f"run {run.id} already succeeded; start a new run instead of resuming it")
+        cfg = parse_config(run.config, f"run {run.id}")
+        if config is not None and _config(config).config_hash() != cfg.config_hash():
+            raise InvalidInput(f"run {run.id} was started with another config; resume it without a config")
+        if run.world_size != world_size:
+            log.warning("run %s was started on %d processes and resumes on %d", run.id, run.world_size, world_size)
+    else:
+        if config is None:
+            raise InvalidInput("give a config file, or --resume RUN_ID")
+        cfg = _config(config)
+        check(cfg, world_size)
+        run = registry.create_run(cfg.to_json(), strategy=cfg.strategy.name, world_size=world_size, name=cfg.name)
+    if resume is not None:
+        check(cfg, world_size)
+
+    run_dir = registry.home / "runs" / run.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    registry.start_run(run.id)
+    rdzv_id = run.id if nnodes == 1 else hashlib.sha256(f"{rdzv_endpoint}|{cfg.config_hash()}".encode()).hexdigest()
+    launch_config = LaunchConfig(
+        min_nodes=nnodes,
+        max_nodes=nnodes,
+        nproc_per_node=nproc_per_node,
+        run_id=rdzv_id[:32],
+        # c10d assigns node ranks itself; a fixed --node-rank asks for torchrun's static rendezvous instead.
+        rdzv_backend="c10d" if node_rank is None else "static",
+        rdzv_endpoint=rdzv_endpoint or "localhost:0",
+        rdzv_configs={} if node_rank is None else {"rank": node_rank},
+        max_restarts=max_restarts,
+        start_method="spawn",
+        monitor_interval=0.1,
+    )
+    try:
+        results = elastic_launch(launch_config, worker.main)(cfg.to_json(), run.id, str(run_dir), str(registry.home))
+    except ChildFailedError as exc:
+        registry.finish_run(run.id, status="failed", error=_failure(exc))
+        raise MaasError(
+            f"training run {run.id} failed: {_failure(exc)}; fix the cause and continue it with "
+            f"`maas train --resume {run.id}`"
+        ) from None
+    except KeyboardInterrupt:
+        registry.finish_run(run.id, status="interrupted", error="interrupted")
+        raise
+    except BaseException as exc:
+        registry.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    first = results.get(0) or next(iter(results.values()), {}) if results else {}
+    return registry.finish_run(
+        run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
+    )
+
+
+def _failure(exc: Any) -> str:
+    failures = getattr(exc, "failures", {}) or {}
+    for rank, failure in sorted(failures.items()):
+        message = getattr(failure, "message", "") or ""
+        if isinstance(message, dict):
+            message = message.get("message", str(message))
+        first_line = str(message).strip().splitlines()[-1] if str(message).strip() else f"exit code {failure.exitcode}"
+        return f"rank {rank}: {first_line}"
+    return str(exc)

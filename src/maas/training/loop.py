@@ -1,0 +1,217 @@
+"""The one training loop every strategy shares: data, steps, accumulation, metrics, checkpoints, evaluation."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from maas.training import checkpoint
+from maas.training.components import build_loss, build_metric, build_optimizer, lr_factor, regularization, set_lr
+from maas.training.config import TrainConfig
+from maas.training.data import ShardedBatches, gather
+from maas.training.imports import resolve
+from maas.training.strategies import Strategy, WorkerContext, build_strategy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module  # the plain (unwrapped) model
+    steps: int
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    final_loss: float | None = None
+
+
+class Reporter:
+    """Rank 0's window on the run: progress bar, step metrics to the registry, checkpoints recorded."""
+
+    def __init__(self, ctx: WorkerContext, total_steps: int, registry: Any | None) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.total = total_steps
+        self.pending: list[Any] = []
+        self.progress: Any = None
+
+    def __enter__(self) -> Reporter:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("[bold]train[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s  lr {task.fields[lr]:.2e}"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=self.total, loss=float("nan"), sps=0.0, lr=0.0)
+        self.progress.start()
+        return self
+
+    def step(self, step: int, loss: float, samples_per_s: float, lr: float) -> None:
+        from maas.registry.entities import RunStep
+
+        self.progress.update(self.task, completed=step, loss=loss, sps=samples_per_s, lr=lr)
+        self.pending.append(RunStep(step=step, loss=loss, samples_per_s=samples_per_s, lr=lr, at=datetime.now(UTC)))
+
+    def flush(self) -> None:
+        if self.registry is not None and self.pending:
+            self.registry.log_run_steps(self.ctx.run_id, self.pending)
+        self.pending = []
+
+    def checkpoint(self, step: int, path: Any) -> None:
+        self.flush()
+        if self.registry is not None:
+            self.registry.add_run_checkpoint(self.ctx.run_id, step, str(path))
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+        self.progress.stop()
+
+
+def _seed_step(cfg: TrainConfig, ctx: WorkerContext, step: int) -> None:
+    # Seeding per step (not once) makes dropout and friends depend only on (seed, step, rank), so a run
+    # resumed from a checkpoint draws the same random numbers as one that never stopped.
+    torch.manual_seed(cfg.seed * 1_000_003 + step * 9973 + ctx.rank)
+
+
+def _mean_over_ranks(value: torch.Tensor, ctx: WorkerContext) -> float:
+    if ctx.is_distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= ctx.world_size
+    return float(value)
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Any]:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, "loop": {"step": torch.tensor(step)}}
+
+
+def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """The eval metric of ``model`` over the whole evaluation set (on one rank)."""
+    assert cfg.eval is not None
+    metric = build_metric(cfg.eval)
+    outputs, targets = [], []
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        idx = torch.arange(len(dataset))
+        for chunk in idx.split(cfg.eval.batch_size):
+            x, y = gather(dataset, chunk)
+            outputs.append(model(x.to(device)).float().cpu())
+            targets.append(y)
+    model.train(was_training)
+    return {cfg.eval.metric.rsplit(":", 1)[-1]: metric(torch.cat(outputs), torch.cat(targets))}
+
+
+@contextlib.contextmanager
+def _precision(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
+    if cfg.precision == "bf16":
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None) -> LoopResult:
+    """Train on this rank. Every rank calls it; rank 0 reports. Resumes from the run's last complete checkpoint."""
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model: nn.Module = resolve(cfg.model.factory, "model.factory")(**cfg.model.kwargs).to(ctx.device)
+    strategy: Strategy = build_strategy(cfg.strategy, ctx)
+    dp_rank, dp_size = strategy.data_parallel()
+    cfg.check_world(dp_size)
+    wrapped = strategy.wrap(model)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    loss_fn = build_loss(cfg.loss)
+
+    train_set = resolve(cfg.data.train, "data.train")(**cfg.data.kwargs)
+    batches = ShardedBatches(
+        train_set,
+        global_batch=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        seed=cfg.seed,
+        replicate=cfg.data.sharding == "replicate",
+    )
+    total = cfg.steps or (cfg.epochs or 1) * batches.steps_per_epoch
+    factor = lr_factor(cfg.schedule, cfg.optimizer.lr, total)
+
+    step = saved = 0
+    found = checkpoint.latest(ctx.run_dir)
+    if found is not None:
+        state = _state(model, optimizer, 0)
+        checkpoint.load(found[1], state)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        step = saved = int(state["loop"]["step"])
+        if strategy.reports:
+            log.info("resuming run %s from step %d (%s)", ctx.run_id, step, found[1])
+
+    reporter: contextlib.AbstractContextManager[Any] = (
+        Reporter(ctx, total, registry) if strategy.reports else contextlib.nullcontext()
+    )
+    loss_value: float | None = None
+    with reporter as rep:
+        if rep is not None:
+            rep.progress.update(rep.task, completed=step)
+        window_start, window_steps = time.perf_counter(), 0
+        running = torch.zeros((), device=ctx.device)
+        while step < total:
+            epoch, offset = divmod(step, batches.steps_per_epoch)
+            for micro_batches in batches.epoch(epoch, offset):
+                _seed_step(cfg, ctx, step)
+                lr = set_lr(optimizer, cfg.optimizer.lr, factor, step)
+                optimizer.zero_grad(set_to_none=True)
+                step_loss = torch.zeros((), device=ctx.device)
+                for i, (x, y) in enumerate(micro_batches):
+                    last = i == len(micro_batches) - 1
+                    sync = contextlib.nullcontext() if last else strategy.no_sync(wrapped)
+                    with sync, _precision(cfg, ctx.device):
+                        loss = loss_fn(wrapped(x.to(ctx.device)), y.to(ctx.device))
+                        penalty = regularization(cfg.regularization, model)
+                        if penalty is not None:
+                            loss = loss + penalty
+                        (loss / len(micro_batches)).backward()
+                    step_loss += loss.detach().float() / len(micro_batches)
+                optimizer.step()
+                step += 1
+                window_steps += 1
+                running += step_loss
+                if step % cfg.log_every == 0 or step == total:
+                    loss_value = _mean_over_ranks(running / window_steps, ctx)
+                    elapsed = time.perf_counter() - window_start
+                    if rep is not None:
+                        rep.step(step, loss_value, cfg.batch_size * window_steps / max(elapsed, 1e-9), lr)
+                    window_start, window_steps = time.perf_counter(), 0
+                    running.zero_()
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
+                    path = checkpoint.save(ctx.run_dir, step, _state(model, optimizer, step), keep=cfg.checkpoint.keep)
+                    saved = step
+                    if rep is not None:
+                        rep.checkpoint(step, path)
+                if step >= total:
+                    break
+        if saved != step or found is None:
+            path = checkpoint.save(ctx.run_dir, step, _state(model, optimizer, step), keep=cfg.checkpoint.keep)
+            if rep is not None:
+                rep.checkpoint(step, path)
+
+    metrics: dict[str, float] = {}
+    if strategy.reports and cfg.data.eval and cfg.eval:
+        eval_set = resolve(cfg.data.eval, "data.eval")(**cfg.data.kwargs)
+        metrics = evaluate(model, eval_set, cfg, ctx.device)
+    if loss_value is not None:
+        metrics.setdefault("final_loss", loss_value)
+    return LoopResult(model=model, steps=step, eval_metrics=metrics, final_loss=loss_value)

@@ -1,0 +1,23 @@
+"""Parallel strategies, one module each, found by the config's ``strategy.name`` and imported on first use."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from maas.training.strategies.base import Strategy, WorkerContext
+
+#: strategy name -> "module:class"
+STRATEGIES: dict[str, str] = {
+    "single": "maas.training.strategies.single:SingleStrategy",
+    "ddp": "maas.training.strategies.ddp:DDPStrategy",
+}
+
+
+def build_strategy(config: Any, ctx: WorkerContext) -> Strategy:
+    module_name, _, attr = STRATEGIES[config.name].partition(":")
+    cls: type[Strategy] = getattr(importlib.import_module(module_name), attr)
+    return cls(config, ctx)
+
+
+__all__ = ["STRATEGIES", "Strategy", "WorkerContext", "build_strategy"]

@@ -1,0 +1,87 @@
+"""The function each worker process runs (started by torchrun's elastic agent, see :mod:`maas.training.launch`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from maas.training.config import TrainConfig
+from maas.training.imports import resolve
+from maas.training.loop import train_loop
+from maas.training.strategies import WorkerContext
+
+
+def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            logging.getLogger(__name__).warning("device cuda asked for but none is available; training on the CPU")
+            return torch.device("cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store, with keys scoped to this restart attempt.
+
+    The elastic agent keeps one store across restarts, and torch's env:// init does not scope keys by
+    attempt: a restarted rank could read the address a dead peer published and fail to connect.
+    """
+    from datetime import timedelta
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world,
+        is_master=not agent_store and rank == 0,
+        timeout=timedelta(minutes=10),
+    )
+    return dist.PrefixStore(f"/maas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def main(config: dict[str, Any], run_id: str, run_dir: str, home: str) -> dict[str, Any]:
+    """Train (and, on rank 0, publish). Returns what the launcher records on the run."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig.model_validate(config)
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(cfg, local_rank)
+    if world > 1 and not dist.is_initialized():
+        backend = getattr(cfg.strategy, "backend", "auto")
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            store=_attempt_store(rank, world),
+            rank=rank,
+            world_size=world,
+            device_id=device if device.type == "cuda" else None,
+        )
+    ctx = WorkerContext(rank, world, local_rank, device, run_id, Path(run_dir))
+    registry = None
+    if rank == 0:
+        from maas.registry import Registry
+
+        registry = Registry(home=Path(home))
+    try:
+        result = train_loop(cfg, ctx, registry)
+        out: dict[str, Any] = {"eval_metrics": result.eval_metrics, "steps": result.steps, "model_uri": None}
+        if rank == 0 and cfg.publish is not None:
+            from maas.training.publish import publish
+
+            train_set = resolve(cfg.data.train, "data.train")(**cfg.data.kwargs)
+            version = publish(result.model, cfg, run_id, result.eval_metrics, train_set, Path(run_dir), registry)
+            out["model_uri"] = version.uri
+        if world > 1:
+            dist.barrier()
+        return out
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

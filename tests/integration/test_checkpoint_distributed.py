@@ -1,0 +1,115 @@
+"""Checkpoints across two real gloo processes: each rank saves a DDP model and reloads it into a fresh one."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from maas.testing.server import free_port
+from maas.training.checkpoint import latest, load, rng_state, save
+
+pytestmark = pytest.mark.slow
+
+WORLD_SIZE = 2
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ddp(seed: int) -> tuple[DDP, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)))
+    return model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def _assert_equal(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
+        for k in a:
+            _assert_equal(a[k], b[k], f"{where}.{k}")
+    else:
+        assert a == b, where
+
+
+def _worker(rank: int, port: int, run_dir: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        model, optim = _ddp(seed=0)
+        torch.manual_seed(100 + rank)  # each rank sees its own data, as in real data-parallel training
+        for _ in range(2):
+            optim.zero_grad()
+            model(torch.randn(6, 4)).pow(2).sum().backward()
+            optim.step()
+        msd, osd = get_state_dict(model, optim)
+        rng_key = f"rng_rank{rank}"  # per-rank values need per-rank keys: DCP keeps one copy of a shared key
+        state = {"model": msd, "optim": osd, "loop": {"step": 2}, rng_key: rng_state()}
+        expected = copy.deepcopy(state)
+
+        save(Path(run_dir), 1, state, keep=1)
+        path = save(Path(run_dir), 2, state, keep=1)
+        found = latest(Path(run_dir))
+        assert found == (2, path), found
+
+        fresh, fresh_optim = _ddp(seed=1)
+        fmsd, fosd = get_state_dict(fresh, fresh_optim)
+        target = {"model": fmsd, "optim": fosd, "loop": {"step": 0}, rng_key: rng_state()}
+        load(path, target)
+        _assert_equal(expected, target)  # before set_state_dict, which renames keys in the dicts it is given
+        set_state_dict(fresh, fresh_optim, model_state_dict=target["model"], optim_state_dict=target["optim"])
+        for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+            assert torch.equal(p, q)
+        _assert_equal(get_state_dict(model, optim)[1], get_state_dict(fresh, fresh_optim)[1], "optim")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_save_and_reload_a_ddp_model(tmp_path: Path) -> None:
+    # Plain subprocesses rather than mp.spawn: each rank's stderr comes back, and nothing is exchanged by pickle.
+    port = free_port()
+    code = "import sys; from tests.integration.test_checkpoint_distributed import _worker; "
+    code += "_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(rank), str(port), str(tmp_path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in range(WORLD_SIZE)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=90)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} failed:\n{out}"
+
+    root = tmp_path / "checkpoints"
+    assert [p.name for p in root.iterdir()] == ["step-00000002"]  # keep=1 pruned step 1
+    files = {p.name for p in (root / "step-00000002").iterdir()}
+    assert {".metadata.json", "COMPLETE"} <= files and ".metadata" not in files
+    assert any(name.startswith("__1_") for name in files), files  # rank 1 wrote its own share

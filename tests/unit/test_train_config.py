@@ -1,0 +1,79 @@
+"""Training configs: every mistake caught before a process starts, with the fix named."""
+
+from pathlib import Path
+
+import pytest
+
+from maas.errors import InvalidInput
+from maas.training.config import load_config, parse_config
+from maas.training.launch import check
+
+ROOT = Path(__file__).resolve().parents[2]
+
+BASE = {
+    "model": {"factory": "maas.demo.digits:mlp"},
+    "data": {"train": "maas.demo.digits:train_dataset"},
+    "batch_size": 64,
+    "steps": 10,
+}
+
+
+def with_(**over: object) -> dict[str, object]:
+    return {**BASE, **over}
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (with_(optimiser={"name": "adam"}), ["unknown key 'optimiser'", "optimizer"]),
+        (with_(optimizer={"name": "adam", "lrate": 1}), ["unknown key 'optimizer.lrate'", "lr"]),
+        (with_(optimizer={"name": "lamb"}), ["optimizer.name", "'sgd', 'adam', 'adamw' or 'rmsprop'"]),
+        (with_(strategy={"name": "allreduce"}), ["strategy", "'single', 'ddp'"]),
+        (with_(model={"factory": "maas.demo.digits.mlp"}), ["model.factory", "package.module:function"]),
+        (with_(steps=None), ["exactly one of steps or epochs"]),
+        (with_(epochs=2), ["exactly one of steps or epochs"]),
+        (with_(batch_size=64, grad_accum=3), ["not divisible by grad_accum 3"]),
+        (with_(optimizer={"lr": -1}), ["optimizer.lr", "greater than 0"]),
+        (with_(publish={"name": "../x"}), ["publish.name", "invalid model name"]),
+        (with_(precision="fp8"), ["precision", "'fp32' or 'bf16'"]),
+        ([1, 2], ["mapping"]),
+    ],
+)
+def test_bad_configs_name_the_problem(data: object, words: list[str]) -> None:
+    with pytest.raises(InvalidInput) as info:
+        parse_config(data)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "world", "words"),
+    [
+        (with_(model={"factory": "maas.nothing_here:mlp"}), 1, ["model.factory", "cannot import module"]),
+        (with_(model={"factory": "maas.demo.digits:nope"}), 1, ["has no attribute 'nope'"]),
+        (with_(data={"train": "maas.demo.digits:MODEL_NAME_X"}), 1, ["data.train"]),
+        (with_(loss="maas.demo.digits:missing"), 1, ["loss"]),
+        (with_(), 2, ["strategy single runs on one process"]),
+        (with_(strategy={"name": "ddp"}, batch_size=63), 2, ["multiple of 2"]),
+    ],
+)
+def test_checks_before_launch(data: dict[str, object], world: int, words: list[str]) -> None:
+    with pytest.raises(InvalidInput) as info:
+        check(parse_config(data), world)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "train").glob("*.yaml")), ids=lambda p: p.name)
+def test_example_configs_are_valid(path: Path) -> None:
+    cfg = load_config(path)
+    check(cfg, 2 if cfg.strategy.name == "ddp" else 1)
+
+
+def test_yaml_errors_are_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(InvalidInput, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(InvalidInput, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
