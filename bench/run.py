@@ -13,6 +13,7 @@ from rich.console import Console
 #: Benchmark name -> "module:function" in this folder; the function takes a Rich console.
 BENCHMARKS = {
     "serving": "serving:run",
+    "training": "training:run",
 }
 
 

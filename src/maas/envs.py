@@ -81,6 +81,10 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "Log level of maas' own messages (debug, info, warning, error); "
         "default: info for `maas serve`, warning otherwise.",
     ),
+    "MAAS_PS_SLOW_WORKER": (
+        _str("MAAS_PS_SLOW_WORKER", None),
+        "Test hook, unset in normal use: RANK:SECONDS makes that parameter_server worker sleep SECONDS every step.",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """Training configs: every mistake caught before a process starts, with the fix named."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,10 @@ def with_(**over: object) -> dict[str, object]:
         (with_(optimizer={"lr": -1}), ["optimizer.lr", "greater than 0"]),
         (with_(publish={"name": "../x"}), ["publish.name", "invalid model name"]),
         (with_(precision="fp8"), ["precision", "'fp32' or 'bf16'"]),
+        (
+            with_(batch_size=24, strategy={"name": "hybrid", "dp": 2, "pp": 2, "microbatches": 8}),
+            ["over strategy.dp 2 pipelines into strategy.microbatches 8", "multiple of dp x microbatches = 16"],
+        ),
         ([1, 2], ["mapping"]),
     ],
 )
@@ -55,6 +60,12 @@ def test_bad_configs_name_the_problem(data: object, words: list[str]) -> None:
         (with_(loss="maas.demo.digits:missing"), 1, ["loss"]),
         (with_(), 2, ["strategy single runs on one process"]),
         (with_(strategy={"name": "ddp"}, batch_size=63), 2, ["multiple of 2"]),
+        (
+            with_(strategy={"name": "hybrid", "dp": 2, "pp": 2}),
+            2,
+            ["dp 2 x pp 2 needs 4 processes", "--nproc-per-node"],
+        ),
+        (with_(strategy={"name": "hybrid", "dp": 2, "pp": 2, "split_points": ["2", "4"]}), 4, ["give pp - 1 = 1"]),
     ],
 )
 def test_checks_before_launch(data: dict[str, object], world: int, words: list[str]) -> None:
@@ -66,8 +77,10 @@ def test_checks_before_launch(data: dict[str, object], world: int, words: list[s
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_example_configs_are_valid(path: Path) -> None:
+    """Each example names its command in a comment; it must pass every check for that process count."""
     cfg = load_config(path)
-    check(cfg, 2 if cfg.strategy.name == "ddp" else 1)
+    match = re.search(r"--nproc-per-node (\d+)", path.read_text())
+    check(cfg, int(match.group(1)) if match else 1)
 
 
 def test_yaml_errors_are_reported(tmp_path: Path) -> None:

@@ -312,9 +312,9 @@ def _pickled_message(path: Path) -> str:
 # --- complete-or-invisible checkpoints in a run directory --------------------------------------------------------
 
 
-def _dist() -> tuple[bool, int, int]:
+def _dist(group: dist.ProcessGroup | None = None) -> tuple[bool, int, int]:
     if dist.is_available() and dist.is_initialized():
-        return True, dist.get_rank(), dist.get_world_size()
+        return True, dist.get_rank(group), dist.get_world_size(group)
     return False, 0, 1
 
 
@@ -337,8 +337,8 @@ def _dcp_call(distributed: bool, rank: int) -> Iterator[None]:
             raise RuntimeError(f"checkpoint failed on rank(s) {sorted(exc.failures)}: {exc}") from exc
 
 
-def _rank0_then_all(distributed: bool, rank: int, fn: Callable[[], int]) -> int:
-    """Run ``fn() -> int`` on rank 0 and hand its result (or failure) to every rank; also a barrier."""
+def _rank0_then_all(distributed: bool, rank: int, fn: Callable[[], int], group: dist.ProcessGroup | None = None) -> int:
+    """Run ``fn() -> int`` on rank 0 (of ``group``) and hand its result (or failure) to every rank; also a barrier."""
     code, error = 0, None
     if rank == 0:
         try:
@@ -346,9 +346,9 @@ def _rank0_then_all(distributed: bool, rank: int, fn: Callable[[], int]) -> int:
         except Exception as exc:  # re-raised below on rank 0; other ranks must not hang at a barrier
             code, error = -1, exc
     if distributed:
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else None
         flag = torch.tensor([code], dtype=torch.int64, device=device)
-        dist.broadcast(flag, src=0)
+        dist.broadcast(flag, group=group, group_src=0)
         code = int(flag.item())
     if error is not None:
         raise error
@@ -394,10 +394,18 @@ def _prune(root: Path, keep: int | None) -> None:
             _remove(path)
 
 
-def save(run_dir: Path, step: int, state: dict[str, Any], *, keep: int | None = 2) -> Path:
+def save(
+    run_dir: Path,
+    step: int,
+    state: dict[str, Any],
+    *,
+    keep: int | None = 2,
+    process_group: dist.ProcessGroup | None = None,
+) -> Path:
     """Write ``state`` as ``run_dir/checkpoints/step-{step:08d}`` and return that path; collective.
 
-    Every rank calls it when a process group exists. The folder appears only once complete. Afterwards rank 0
+    Every rank of ``process_group`` (default: all ranks) calls it when a process group exists; "rank 0" below is
+    that group's first rank. The folder appears only once complete. Afterwards rank 0
     removes all but the newest ``keep`` complete checkpoints (``None``: keep all) and unfinished folders.
     DCP writes one copy of a key that several ranks hold, so per-rank values (RNG states) need per-rank keys.
     Raises ``Conflict`` if a complete checkpoint for ``step`` already exists.
@@ -406,7 +414,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], *, keep: int | None = 
         raise InvalidInput(f"step must be >= 0, got {step}")
     if keep is not None and keep < 1:
         raise InvalidInput(f"keep must be >= 1 or None (keep all), got {keep}")
-    distributed, rank, world_size = _dist()
+    distributed, rank, world_size = _dist(process_group)
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"step-{step:08d}"
     partial = final.with_name(final.name + ".partial")
@@ -421,12 +429,12 @@ def save(run_dir: Path, step: int, state: dict[str, Any], *, keep: int | None = 
         return 0
 
     # The broadcast also orders rank 0's cleanup before any rank writes into `partial`.
-    if _rank0_then_all(distributed, rank, prepare) == 1:
+    if _rank0_then_all(distributed, rank, prepare, process_group) == 1:
         raise Conflict(f"a complete checkpoint for step {step} already exists at {final}; save each step once")
 
     writer = SafeFileSystemWriter(partial, overwrite=False)
     with _dcp_call(distributed, rank):
-        state_dict_saver.save(state, storage_writer=writer, planner=DefaultSavePlanner())
+        state_dict_saver.save(state, storage_writer=writer, planner=DefaultSavePlanner(), process_group=process_group)
 
     def publish() -> int:
         # Data and metadata files are fsynced by DCP; make their directory entries durable before the rename.
@@ -439,7 +447,7 @@ def save(run_dir: Path, step: int, state: dict[str, Any], *, keep: int | None = 
 
     # The broadcast is the barrier: every rank has returned from dcp.save before rank 0 publishes, and none
     # returns before the checkpoint is visible.
-    _rank0_then_all(distributed, rank, publish)
+    _rank0_then_all(distributed, rank, publish, process_group)
     logger.info("saved checkpoint step %d to %s", step, final)
     if rank == 0:
         try:
@@ -455,8 +463,8 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
-def load(path: Path, state: dict[str, Any]) -> None:
-    """Load the checkpoint at ``path`` into ``state`` in place; collective.
+def load(path: Path, state: dict[str, Any], *, process_group: dist.ProcessGroup | None = None) -> None:
+    """Load the checkpoint at ``path`` into ``state`` in place; collective over ``process_group`` (default: all).
 
     ``state`` gives the keys, shapes and dtypes to read: tensors are filled in place, other values are replaced.
     """
@@ -470,9 +478,11 @@ def load(path: Path, state: dict[str, Any]) -> None:
         )
     if not (path / METADATA_FILE).is_file():
         raise NotFound(f"{path} has no {METADATA_FILE}; it was not written by maas.training.checkpoint.save")
-    distributed, rank, _ = _dist()
+    distributed, rank, _ = _dist(process_group)
     with _dcp_call(distributed, rank):
-        state_dict_loader.load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        state_dict_loader.load(
+            state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner(), process_group=process_group
+        )
 
 
 # --- RNG state as checkpointable values ------------------------------------------------------------------------

@@ -52,14 +52,6 @@ def lr_factor(cfg: ScheduleConfig, base_lr: float, total_steps: int) -> Callable
     return factor
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float, factor: Callable[[int], float], step: int) -> float:
-    """Set the learning rate for ``step`` (stateless, so a resumed run needs no scheduler state)."""
-    lr = base_lr * factor(step)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
 def regularization(cfg: RegularizationConfig, model: nn.Module) -> torch.Tensor | None:
     """The L1/L2 penalty on the model's weights (biases and norms included), or None when both are 0."""
     if not cfg.l1 and not cfg.l2:

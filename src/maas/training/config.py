@@ -66,8 +66,7 @@ class ScheduleConfig(_Strict):
 
 class EvalConfig(_Strict):
     metric: str = "accuracy"  # accuracy, mse, or an import path fn(outputs, targets) -> float
-    every_steps: PositiveInt | None = None  # also evaluated at the end
-    batch_size: PositiveInt = 512
+    batch_size: PositiveInt = 512  # evaluated once, at the end, on the reporting rank
 
     @field_validator("metric")
     @classmethod
@@ -83,13 +82,82 @@ class CheckpointConfig(_Strict):
 class SingleStrategy(_Strict):
     name: Literal["single"] = "single"
 
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size != 1:
+            raise InvalidInput(
+                f"strategy single runs on one process, but {world_size} were asked for; use strategy ddp "
+                "(or another parallel strategy), or --nproc-per-node 1"
+            )
+        return 1
+
 
 class DDPStrategy(_Strict):
     name: Literal["ddp"]
     backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
 
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size
 
-StrategyConfig = Annotated[SingleStrategy | DDPStrategy, Field(discriminator="name")]
+
+class ParameterServerStrategy(_Strict):
+    name: Literal["parameter_server"]
+    servers: PositiveInt = 1  # ranks 0..servers-1 hold the parameters; the rest are workers
+    mode: Literal["sync", "async", "bounded"] = "sync"
+    max_staleness: int = Field(2, ge=0)  # bounded: no worker more than this many steps ahead of the slowest
+
+    def data_parallel_size(self, world_size: int) -> int:
+        workers = world_size - self.servers
+        if workers < 1:
+            raise InvalidInput(
+                f"parameter_server with {self.servers} server(s) needs more than {self.servers} processes, got "
+                f"{world_size}; raise --nproc-per-node or lower strategy.servers"
+            )
+        return workers
+
+
+class PipelineStrategy(_Strict):
+    name: Literal["pipeline"]
+    split_points: list[str] | None = None  # module names where a new stage starts; None: balanced by parameters
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    microbatches: PositiveInt = 4
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if self.split_points is not None and len(self.split_points) != world_size - 1:
+            raise InvalidInput(
+                f"{len(self.split_points)} split point(s) make {len(self.split_points) + 1} stages, but the run has "
+                f"{world_size} processes; give one split point fewer than the number of processes"
+            )
+        return 1
+
+
+class HybridStrategy(_Strict):
+    name: Literal["hybrid"]
+    dp: PositiveInt  # pipelines, each reading its shard of the batch
+    pp: PositiveInt  # stages per pipeline; ranks r // pp form pipeline r // pp, stage r % pp
+    split_points: list[str] | None = None  # as for pipeline: pp - 1 names; None: balanced by parameters
+    schedule: Literal["gpipe", "1f1b"] = "gpipe"
+    microbatches: PositiveInt = 4  # per pipeline, per step
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if self.dp * self.pp != world_size:
+            raise InvalidInput(
+                f"strategy hybrid with dp {self.dp} x pp {self.pp} needs {self.dp * self.pp} processes, but "
+                f"{world_size} were asked for; make dp x pp equal to --nproc-per-node x --nnodes"
+            )
+        if world_size == 1:
+            raise InvalidInput("strategy hybrid with dp 1 x pp 1 is one process; use strategy single instead")
+        if self.split_points is not None and len(self.split_points) != self.pp - 1:
+            raise InvalidInput(
+                f"{len(self.split_points)} split point(s) make {len(self.split_points) + 1} stages, but strategy.pp "
+                f"is {self.pp}; give pp - 1 = {self.pp - 1} split point(s)"
+            )
+        return self.dp
+
+
+StrategyConfig = Annotated[
+    SingleStrategy | DDPStrategy | ParameterServerStrategy | PipelineStrategy | HybridStrategy,
+    Field(discriminator="name"),
+]
 
 
 class PublishConfig(_Strict):
@@ -154,6 +222,18 @@ class TrainConfig(_Strict):
             raise ValueError("give exactly one of steps or epochs")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if isinstance(self.strategy, PipelineStrategy) and self.batch_size % self.strategy.microbatches:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split into strategy.microbatches "
+                f"{self.strategy.microbatches}; make batch_size a multiple of it"
+            )
+        if isinstance(self.strategy, HybridStrategy):
+            dp, n = self.strategy.dp, self.strategy.microbatches
+            if self.batch_size % (dp * n):
+                raise ValueError(
+                    f"batch_size {self.batch_size} does not split over strategy.dp {dp} pipelines into "
+                    f"strategy.microbatches {n} each; make batch_size a multiple of dp x microbatches = {dp * n}"
+                )
         return self
 
     def check_world(self, data_parallel: int) -> None:
@@ -212,8 +292,6 @@ def format_errors(exc: ValidationError, source: str) -> str:
             parent = _model_at(loc[:-1])
             valid = f"; valid keys: {', '.join(_field_names(parent))}" if parent else ""
             lines.append(f"  - unknown key {where!r}{valid}")
-        elif err["type"] == "union_tag_invalid":
-            lines.append(f"  - {where}: {err['msg']} (more strategies arrive in later releases)")
         else:
             lines.append(f"  - {where}: {err['msg']}")
     return "\n".join(lines)

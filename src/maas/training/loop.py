@@ -11,12 +11,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from maas.training import checkpoint
-from maas.training.components import build_loss, build_metric, build_optimizer, lr_factor, regularization, set_lr
+from maas.training.components import build_loss, build_metric, build_optimizer, lr_factor, regularization
 from maas.training.config import TrainConfig
 from maas.training.data import ShardedBatches, gather
 from maas.training.imports import resolve
@@ -27,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LoopResult:
-    model: nn.Module  # the plain (unwrapped) model
+    model: nn.Module | None  # the whole trained model on the reporting rank, else None
     steps: int
     eval_metrics: dict[str, float] = field(default_factory=dict)
     final_loss: float | None = None
@@ -78,23 +76,18 @@ class Reporter:
         self.progress.stop()
 
 
-def _seed_step(cfg: TrainConfig, ctx: WorkerContext, step: int) -> None:
+def _seed_step(cfg: TrainConfig, ctx: WorkerContext, step: int, dp_rank: int) -> None:
     # Seeding per step (not once) makes dropout and friends depend only on (seed, step, rank), so a run
-    # resumed from a checkpoint draws the same random numbers as one that never stopped.
-    torch.manual_seed(cfg.seed * 1_000_003 + step * 9973 + ctx.rank)
+    # resumed from a checkpoint draws the same random numbers as one that never stopped. By data-parallel
+    # rank, so every stage of a pipeline, and a worker of a parameter server, draws what DDP's rank would.
+    seed = cfg.seed * 1_000_003 + step * 9973 + dp_rank
+    torch.default_generator.manual_seed(seed)  # torch.manual_seed costs ~100x more per call (it seeds every device)
+    if ctx.device.type == "cuda":
+        torch.cuda.manual_seed(seed)
 
 
-def _mean_over_ranks(value: torch.Tensor, ctx: WorkerContext) -> float:
-    if ctx.is_distributed:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= ctx.world_size
-    return float(value)
-
-
-def _state(model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict[str, Any]:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    return {"model": model_sd, "optim": optim_sd, "loop": {"step": torch.tensor(step)}}
+def _state(strategy: Strategy, step: int) -> dict[str, Any]:
+    return {**strategy.state_dict(), "loop": {"step": torch.tensor(step)}}
 
 
 def evaluate(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
@@ -127,13 +120,21 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
     """Train on this rank. Every rank calls it; rank 0 reports. Resumes from the run's last complete checkpoint."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model: nn.Module = resolve(cfg.model.factory, "model.factory")(**cfg.model.kwargs).to(ctx.device)
     strategy: Strategy = build_strategy(cfg.strategy, ctx)
+    factory = resolve(cfg.model.factory, "model.factory")
+
+    def make_model() -> nn.Module:
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model: nn.Module = factory(**cfg.model.kwargs)
+        return model
+
+    strategy.build(make_model, lambda params: build_optimizer(cfg.optimizer, params))
+    if not strategy.is_trainer:
+        strategy.serve()
+        strategy.finish()
+        return LoopResult(model=None, steps=0)
     dp_rank, dp_size = strategy.data_parallel()
     cfg.check_world(dp_size)
-    wrapped = strategy.wrap(model)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
     loss_fn = build_loss(cfg.loss)
 
     train_set = resolve(cfg.data.train, "data.train")(**cfg.data.kwargs)
@@ -152,12 +153,15 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
     step = saved = 0
     found = checkpoint.latest(ctx.run_dir)
     if found is not None:
-        state = _state(model, optimizer, 0)
-        checkpoint.load(found[1], state)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        state = _state(strategy, 0)
+        checkpoint.load(found[1], state, process_group=strategy.process_group)
+        strategy.load_state_dict(state)
         step = saved = int(state["loop"]["step"])
         if strategy.reports:
             log.info("resuming run %s from step %d (%s)", ctx.run_id, step, found[1])
+
+    def penalty(module: nn.Module) -> torch.Tensor | None:
+        return regularization(cfg.regularization, module)
 
     reporter: contextlib.AbstractContextManager[Any] = (
         Reporter(ctx, total, registry) if strategy.reports else contextlib.nullcontext()
@@ -171,45 +175,47 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
         while step < total:
             epoch, offset = divmod(step, batches.steps_per_epoch)
             for micro_batches in batches.epoch(epoch, offset):
-                _seed_step(cfg, ctx, step)
-                lr = set_lr(optimizer, cfg.optimizer.lr, factor, step)
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=ctx.device)
-                for i, (x, y) in enumerate(micro_batches):
-                    last = i == len(micro_batches) - 1
-                    sync = contextlib.nullcontext() if last else strategy.no_sync(wrapped)
-                    with sync, _precision(cfg, ctx.device):
-                        loss = loss_fn(wrapped(x.to(ctx.device)), y.to(ctx.device))
-                        penalty = regularization(cfg.regularization, model)
-                        if penalty is not None:
-                            loss = loss + penalty
-                        (loss / len(micro_batches)).backward()
-                    step_loss += loss.detach().float() / len(micro_batches)
-                optimizer.step()
+                _seed_step(cfg, ctx, step, dp_rank)
+                lr = cfg.optimizer.lr * factor(step)
+                strategy.set_lr(lr)
+                running += strategy.train_step(micro_batches, loss_fn, penalty, lambda: _precision(cfg, ctx.device))
                 step += 1
                 window_steps += 1
-                running += step_loss
                 if step % cfg.log_every == 0 or step == total:
-                    loss_value = _mean_over_ranks(running / window_steps, ctx)
+                    loss_value = strategy.mean_over_trainers(running / window_steps)
                     elapsed = time.perf_counter() - window_start
                     if rep is not None:
                         rep.step(step, loss_value, cfg.batch_size * window_steps / max(elapsed, 1e-9), lr)
                     window_start, window_steps = time.perf_counter(), 0
                     running.zero_()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
-                    path = checkpoint.save(ctx.run_dir, step, _state(model, optimizer, step), keep=cfg.checkpoint.keep)
+                    path = checkpoint.save(
+                        ctx.run_dir,
+                        step,
+                        _state(strategy, step),
+                        keep=cfg.checkpoint.keep,
+                        process_group=strategy.process_group,
+                    )
                     saved = step
                     if rep is not None:
                         rep.checkpoint(step, path)
                 if step >= total:
                     break
         if saved != step or found is None:
-            path = checkpoint.save(ctx.run_dir, step, _state(model, optimizer, step), keep=cfg.checkpoint.keep)
+            path = checkpoint.save(
+                ctx.run_dir,
+                step,
+                _state(strategy, step),
+                keep=cfg.checkpoint.keep,
+                process_group=strategy.process_group,
+            )
             if rep is not None:
                 rep.checkpoint(step, path)
 
+    model = strategy.full_model()
+    strategy.finish()
     metrics: dict[str, float] = {}
-    if strategy.reports and cfg.data.eval and cfg.eval:
+    if model is not None and cfg.data.eval and cfg.eval:
         eval_set = resolve(cfg.data.eval, "data.eval")(**cfg.data.kwargs)
         metrics = evaluate(model, eval_set, cfg, ctx.device)
     if loss_value is not None:

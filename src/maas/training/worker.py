@@ -65,15 +65,18 @@ def main(config: dict[str, Any], run_id: str, run_dir: str, home: str) -> dict[s
             device_id=device if device.type == "cuda" else None,
         )
     ctx = WorkerContext(rank, world, local_rank, device, run_id, Path(run_dir))
-    registry = None
-    if rank == 0:
-        from maas.registry import Registry
+    from maas.registry import Registry
 
-        registry = Registry(home=Path(home))
+    registry = Registry(home=Path(home))  # only the strategy's reporting rank writes to it
     try:
         result = train_loop(cfg, ctx, registry)
-        out: dict[str, Any] = {"eval_metrics": result.eval_metrics, "steps": result.steps, "model_uri": None}
-        if rank == 0 and cfg.publish is not None:
+        out: dict[str, Any] = {
+            "eval_metrics": result.eval_metrics,
+            "steps": result.steps,
+            "model_uri": None,
+            "reports": result.model is not None,  # the strategy's reporting rank: the launcher records its result
+        }
+        if result.model is not None and cfg.publish is not None:
             from maas.training.publish import publish
 
             train_set = resolve(cfg.data.train, "data.train")(**cfg.data.kwargs)

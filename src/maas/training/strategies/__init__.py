@@ -11,6 +11,9 @@ from maas.training.strategies.base import Strategy, WorkerContext
 STRATEGIES: dict[str, str] = {
     "single": "maas.training.strategies.single:SingleStrategy",
     "ddp": "maas.training.strategies.ddp:DDPStrategy",
+    "parameter_server": "maas.training.strategies.parameter_server:ParameterServerStrategy",
+    "pipeline": "maas.training.strategies.pipeline:PipelineStrategy",
+    "hybrid": "maas.training.strategies.hybrid:HybridStrategy",
 }
 
 

@@ -22,6 +22,6 @@ class DDPStrategy(Strategy):
         return DistributedDataParallel(model)
 
     @contextlib.contextmanager
-    def no_sync(self, wrapped: nn.Module) -> Iterator[None]:
-        with cast(DistributedDataParallel, wrapped).no_sync():
+    def no_sync(self) -> Iterator[None]:
+        with cast(DistributedDataParallel, self.wrapped).no_sync():
             yield

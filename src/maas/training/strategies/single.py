@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from maas.training.strategies.base import Strategy
 
 
 class SingleStrategy(Strategy):
     def data_parallel(self) -> tuple[int, int]:
         return 0, 1
-
-    def wrap(self, model: nn.Module) -> nn.Module:
-        return model
