@@ -163,6 +163,14 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
     def penalty(module: nn.Module) -> torch.Tensor | None:
         return regularization(cfg.regularization, module)
 
+    def save(at: int, rep: Reporter | None) -> int:
+        """A complete checkpoint of every trainer rank at step ``at`` (collective)."""
+        state = _state(strategy, at)
+        path = checkpoint.save(ctx.run_dir, at, state, keep=cfg.checkpoint.keep, process_group=strategy.process_group)
+        if rep is not None:
+            rep.checkpoint(at, path)
+        return at
+
     reporter: contextlib.AbstractContextManager[Any] = (
         Reporter(ctx, total, registry) if strategy.reports else contextlib.nullcontext()
     )
@@ -189,28 +197,11 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
                     window_start, window_steps = time.perf_counter(), 0
                     running.zero_()
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
-                    path = checkpoint.save(
-                        ctx.run_dir,
-                        step,
-                        _state(strategy, step),
-                        keep=cfg.checkpoint.keep,
-                        process_group=strategy.process_group,
-                    )
-                    saved = step
-                    if rep is not None:
-                        rep.checkpoint(step, path)
+                    saved = save(step, rep)
                 if step >= total:
                     break
         if saved != step or found is None:
-            path = checkpoint.save(
-                ctx.run_dir,
-                step,
-                _state(strategy, step),
-                keep=cfg.checkpoint.keep,
-                process_group=strategy.process_group,
-            )
-            if rep is not None:
-                rep.checkpoint(step, path)
+            save(step, rep)
 
     model = strategy.full_model()
     strategy.finish()
