@@ -11,22 +11,24 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import demo, models, runs, serve, train
+from maas.cli import compress, demo, model_report, models, runs, serve, train
 from maas.errors import MaasError
 
 app = typer.Typer(
     name="maas",
-    help="Model-as-a-Service: register, version and serve models.",
+    help="Model-as-a-Service: train, compress, register, version and serve models.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+models.app.command("report")(model_report.report)
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
 app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
+app.command("compress")(compress.compress)
 
 
 def _version(value: bool) -> None:

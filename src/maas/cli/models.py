@@ -42,17 +42,19 @@ def _sig(mv: ModelVersion) -> str:
 
 @app.command("register")
 def register(
-    path: Path = typer.Argument(..., help="The model file (.onnx or .pt2)."),
+    path: Path = typer.Argument(..., help="The model file (.onnx or .pt2) or a Hugging Face model directory."),
     name: str = typer.Option(..., "--name", "-n", help="Model name: letters, digits, '-', '_', '.'."),
     alias: str | None = typer.Option(None, "--alias", "-a", help="Point this alias at the new version."),
     description: str = typer.Option("", "--description", "-d"),
     tag: list[str] = typer.Option([], "--tag", "-t", help="KEY=VALUE, repeatable."),
     metric: list[str] = typer.Option([], "--metric", "-m", help="KEY=NUMBER, repeatable."),
-    format: str | None = typer.Option(None, "--format", "-f", help="onnx or torch_export; detected if omitted."),
+    format: str | None = typer.Option(
+        None, "--format", "-f", help="onnx, torch_export or hf_transformers; detected if omitted."
+    ),
     parent: str | None = typer.Option(None, "--parent", help="URI of the version this one derives from."),
     as_json: bool = typer.Option(False, "--json", help="Print the new version as JSON."),
 ) -> None:
-    """Register a model file as the next version of NAME."""
+    """Register a model file (or a Hugging Face model directory) as the next version of NAME."""
     metrics: dict[str, float] = {}
     for k, v in _pairs(metric, "metric").items():
         try:

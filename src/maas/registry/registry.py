@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import logging
 import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -108,31 +109,43 @@ class Registry:
             validate_alias(alias)
         path = Path(path)
         if not path.exists():
-            raise InvalidInput(f"{path} does not exist; give the path of a model file (.onnx or .pt2)")
-        if not path.is_file():
-            raise InvalidInput(f"{path} is not a file; give the path of a model file (.onnx or .pt2)")
+            raise InvalidInput(
+                f"{path} does not exist; give the path of a model file (.onnx or .pt2) or of a Hugging Face "
+                "model directory"
+            )
+        if not path.is_file() and not path.is_dir():
+            raise InvalidInput(
+                f"{path} is neither a file nor a directory; give a model file (.onnx or .pt2) or a Hugging Face "
+                "model directory"
+            )
         fmt = format or runtimes.detect_format(path)
-        sig = signature or runtimes.inspect(path, fmt)
         clean_metrics = _metrics(metrics or {})
         parent_ref = None
         if parent is not None:
             parent_ref = self.resolve(parent).uri
-        with self.artifacts.guard(exclusive=False):
-            digest, size = self.artifacts.put(path)
-            version = self.store.create_version(
-                name,
-                format=fmt,
-                signature=sig,
-                digest=digest,
-                size=size,
-                description=description,
-                tags={str(k): str(v) for k, v in (tags or {}).items()},
-                metrics=clean_metrics,
-                lineage=Lineage(
-                    parent=parent_ref, source_run=source_run, creator=_actor(creator), extra=dict(lineage_extra or {})
-                ),
-                alias=alias,
-            )
+        # A directory is stored as the one file its format packs it into (hf_transformers: a zip).
+        with tempfile.TemporaryDirectory(prefix="maas-pack-") as scratch:
+            artifact = runtimes.pack(path, fmt, Path(scratch))
+            sig = signature or runtimes.inspect(path, fmt)
+            with self.artifacts.guard(exclusive=False):
+                digest, size = self.artifacts.put(artifact)
+                version = self.store.create_version(
+                    name,
+                    format=fmt,
+                    signature=sig,
+                    digest=digest,
+                    size=size,
+                    description=description,
+                    tags={str(k): str(v) for k, v in (tags or {}).items()},
+                    metrics=clean_metrics,
+                    lineage=Lineage(
+                        parent=parent_ref,
+                        source_run=source_run,
+                        creator=_actor(creator),
+                        extra=dict(lineage_extra or {}),
+                    ),
+                    alias=alias,
+                )
         log.info("registered %s (%s, %s)", version.uri, fmt, digest)
         return version
 

@@ -10,14 +10,16 @@ import importlib
 import zipfile
 from pathlib import Path
 
-from maas.errors import UnsupportedFormat
+from maas.errors import InvalidInput, UnsupportedFormat
 from maas.runtimes.base import Format, Runtime
+from maas.runtimes.hf_archive import MARKER as HF_MARKER  # stdlib only: no heavy import
 from maas.tensors import Signature
 
 #: format name -> "module:attribute" of its :class:`Format`.
 FORMATS: dict[str, str] = {
     "onnx": "maas.runtimes.onnx:FORMAT",
     "torch_export": "maas.runtimes.torch_export:FORMAT",
+    "hf_transformers": "maas.runtimes.hf_transformers:FORMAT",
 }
 
 #: file suffix -> format name, so detection needs no heavy import.
@@ -39,12 +41,22 @@ def get_format(name: str) -> Format:
 def detect_format(path: Path) -> str:
     """Guess an artifact's format from its suffix, else from its content; ``UnsupportedFormat`` if neither fits."""
     suffix = path.suffix.lower()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf_transformers"
+        raise UnsupportedFormat(
+            f"{path} is a directory without config.json; maas registers directories only as Hugging Face "
+            "models (config.json, tokenizer.json, safetensors weights or model.onnx)"
+        )
     if suffix in SUFFIXES:
         return SUFFIXES[suffix]
     if path.is_file():
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
-                if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in zf.namelist()):
+                names = zf.namelist()
+                if HF_MARKER in names:
+                    return "hf_transformers"
+                if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
                     return "torch_export"
         else:
             with path.open("rb") as fh:
@@ -58,6 +70,21 @@ def detect_format(path: Path) -> str:
     )
 
 
+def pack(path: Path, format: str, dest_dir: Path) -> Path:
+    """The single file the registry stores for ``path``: ``path`` itself when it is a file; for a
+    directory, the format's ``pack(directory, dest)`` writes one under ``dest_dir``."""
+    if not path.is_dir():
+        return path
+    packer = getattr(get_format(format), "pack", None)
+    if packer is None:
+        raise InvalidInput(
+            f"{path} is a directory; format {format!r} is stored as one file (give the model file), "
+            "and only hf_transformers takes a directory"
+        )
+    result: Path = packer(path, dest_dir / f"{path.name or 'model'}.zip")
+    return result
+
+
 def inspect(path: Path, format: str) -> Signature:
     return get_format(format).inspect(path)
 
@@ -66,4 +93,4 @@ def load(path: Path, format: str, *, device: str = "cpu") -> Runtime:
     return get_format(format).load(path, device=device)
 
 
-__all__ = ["FORMATS", "Format", "Runtime", "Signature", "detect_format", "get_format", "inspect", "load"]
+__all__ = ["FORMATS", "Format", "Runtime", "Signature", "detect_format", "get_format", "inspect", "load", "pack"]

@@ -113,6 +113,11 @@ def _load_program(path: Path) -> tuple[ExportedProgram, dict[str, Any]]:
     return program, names if isinstance(names, dict) else {}
 
 
+def load_program(path: Path) -> ExportedProgram:
+    """The program in a ``.pt2`` archive, after the same safety checks as :meth:`TorchExportFormat.load`."""
+    return _load_program(path)[0]
+
+
 def _spec(name: str, node: torch.fx.Node | None, path: Path) -> TensorSpec:
     value = node.meta.get("val") if node is not None else None
     if not isinstance(value, torch.Tensor):

@@ -50,6 +50,7 @@ class Reporter:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s  lr {task.fields[lr]:.2e}"),
             TimeRemainingColumn(),
+            refresh_per_second=4,  # each redraw holds the GIL for a moment the training step waits on
         )
         self.task = self.progress.add_task("train", total=self.total, loss=float("nan"), sps=0.0, lr=0.0)
         self.progress.start()

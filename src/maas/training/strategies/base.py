@@ -100,8 +100,8 @@ class Strategy(ABC):
         """One optimizer step over this rank's micro-batches; returns their mean loss (detached)."""
         assert self.model is not None and self.wrapped is not None and self.optimizer is not None
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.ctx.device)
         n = len(micro_batches)
+        total: torch.Tensor | None = None
         for i, (x, y) in enumerate(micro_batches):
             sync = contextlib.nullcontext() if i == n - 1 else self.no_sync()
             with sync, autocast():
@@ -109,9 +109,12 @@ class Strategy(ABC):
                 extra = penalty(self.model)
                 if extra is not None:
                     loss = loss + extra
-                (loss / n).backward()
-            total += loss.detach().float() / n
+                # Without accumulation the loss is used as is: every tensor op costs microseconds per step.
+                (loss if n == 1 else loss / n).backward()
+            part = loss.detach().float()
+            total = part if n == 1 else (part / n if total is None else total + part / n)
         self.optimizer.step()
+        assert total is not None
         return total
 
     def mean_over_trainers(self, value: torch.Tensor) -> float:

@@ -1,0 +1,176 @@
+"""The model as it moves through a recipe, and the conversions between its forms.
+
+A :class:`Candidate` is one of three kinds:
+
+- ``torch``: an ``nn.Module`` in memory whose ``forward`` takes the signature's inputs in order and
+  returns its outputs in order (one tensor, or a tuple);
+- ``onnx``: an ``.onnx`` file;
+- ``hf``: a Hugging Face model directory (``config.json``, tokenizer, and safetensors weights or a
+  ``model.onnx``), the ``hf_transformers`` format.
+
+Steps take a candidate and return a new one; they never change the parent's files. Conversions
+(``torch`` → ``onnx`` by export, ``onnx`` → ``torch`` by import) happen here, so each step asks for
+the kind it works on.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from maas.errors import InvalidInput
+from maas.tensors import Signature
+
+Kind = Literal["torch", "onnx", "hf"]
+
+
+@dataclass
+class Candidate:
+    kind: Kind
+    #: The serving signature the child keeps (input and output names, datatypes), the parent's by default.
+    signature: Signature
+    #: ``torch``: the module.
+    module: Any = None
+    #: ``onnx``: the file; ``hf``: the directory.
+    path: Path | None = None
+    #: The registry format the candidate is saved as when the recipe ends without an ``export`` step.
+    format: str = "onnx"
+    #: One line per step applied, for the lineage.
+    history: list[str] = field(default_factory=list)
+    #: Findings the report prints (e.g. "int8 was not faster than fp32 on this CPU; kept fp32").
+    notes: list[str] = field(default_factory=list)
+
+    def evolve(self, **changes: Any) -> Candidate:
+        return replace(self, history=list(self.history), notes=list(self.notes), **changes)
+
+
+@dataclass
+class StepContext:
+    """What every step may use besides the candidate."""
+
+    #: A fresh directory the step may write into (it outlives the step; the pipeline removes it at the end).
+    workdir: Path
+    #: A few real inputs, keyed by signature input name (for tracing, export and shape checks).
+    example_inputs: dict[str, np.ndarray]
+    #: ``"cpu"`` or ``"cuda"``: where training steps run.
+    device: str = "cpu"
+    #: The recipe's evaluation dataset (steps that compare variants, e.g. distillation over seeds, use it).
+    evaluation: Any = None
+    #: Progress callback: (description, completed, total).
+    progress: Callable[[str, int, int], None] = lambda desc, done, total: None
+
+    def subdir(self, name: str) -> Path:
+        d = self.workdir / name
+        n = 1
+        while d.exists():
+            n += 1
+            d = self.workdir / f"{name}-{n}"
+        d.mkdir(parents=True)
+        return d
+
+
+def example_tensors(ctx: StepContext, signature: Signature) -> tuple[Any, ...]:
+    """The example inputs as torch tensors in signature order (BYTES inputs cannot be tensors)."""
+    import torch
+
+    out = []
+    for spec in signature.inputs:
+        if spec.datatype == "BYTES":
+            raise InvalidInput(f"input {spec.name!r} is BYTES (text); a torch model cannot take it directly")
+        out.append(torch.from_numpy(np.ascontiguousarray(ctx.example_inputs[spec.name])))
+    return tuple(out)
+
+
+def to_torch(cand: Candidate, ctx: StepContext, *, why: str) -> Candidate:
+    """The candidate as a ``torch`` module; ``why`` names the step that needs it, for the error."""
+    if cand.kind == "torch":
+        return cand
+    if cand.kind == "onnx":
+        from maas.compression.onnx_import import import_onnx
+
+        assert cand.path is not None
+        module = import_onnx(cand.path)
+        return cand.evolve(kind="torch", module=module, path=None)
+    raise InvalidInput(
+        f"{why} works on torch and ONNX models; this one is a Hugging Face directory. "
+        "Use a step that supports hf_transformers (prune target heads, export onnx, quantize)"
+    )
+
+
+def to_onnx(cand: Candidate, ctx: StepContext) -> Candidate:
+    """The candidate as an ONNX file (a torch module is exported with a dynamic batch dimension)."""
+    if cand.kind == "onnx":
+        return cand
+    if cand.kind == "hf":
+        from maas.runtimes.hf_export import export_onnx
+
+        assert cand.path is not None
+        out = ctx.subdir("hf-onnx")
+        export_onnx(cand.path, out)
+        return cand.evolve(path=out)
+    from maas.runtimes.export import export
+
+    files = export(
+        cand.module,
+        example_tensors(ctx, cand.signature),
+        ctx.subdir("export"),
+        name="model",
+        input_names=[s.name for s in cand.signature.inputs],
+        output_names=[s.name for s in cand.signature.outputs],
+        formats=("onnx",),
+    )
+    return cand.evolve(kind="onnx", path=files["onnx"], module=None)
+
+
+def hf_onnx_file(cand: Candidate) -> Path | None:
+    """The ``model.onnx`` inside a Hugging Face directory candidate, if it has one."""
+    if cand.kind != "hf" or cand.path is None:
+        return None
+    f = cand.path / "model.onnx"
+    return f if f.is_file() else None
+
+
+def save(cand: Candidate, ctx: StepContext, format: str | None = None) -> tuple[Path, str]:
+    """Write the candidate as a registrable artifact; returns (path, registry format)."""
+    fmt = format or cand.format
+    if cand.kind == "hf":
+        return cand.path, "hf_transformers"  # type: ignore[return-value]
+    if fmt == "onnx":
+        onnx_cand = to_onnx(cand, ctx)
+        assert onnx_cand.path is not None
+        return onnx_cand.path, "onnx"
+    if fmt == "torch_export":
+        if cand.kind != "torch":
+            raise InvalidInput("an ONNX model cannot be exported to torch_export; export to onnx instead")
+        from maas.runtimes.export import export
+
+        files = export(
+            cand.module,
+            example_tensors(ctx, cand.signature),
+            ctx.subdir("export"),
+            name="model",
+            input_names=[s.name for s in cand.signature.inputs],
+            output_names=[s.name for s in cand.signature.outputs],
+            formats=("torch_export",),
+        )
+        return files["torch_export"], "torch_export"
+    raise InvalidInput(f"cannot save a {cand.kind} model as {fmt!r}")
+
+
+def copy_dir(src: Path, dst: Path, *, skip: Callable[[Path], bool] = lambda p: False) -> Path:
+    """Copy a model directory (files only, no links), leaving out what ``skip`` says."""
+    for item in sorted(src.rglob("*")):
+        rel = item.relative_to(src)
+        if item.is_symlink() or skip(rel):
+            continue
+        if item.is_dir():
+            (dst / rel).mkdir(parents=True, exist_ok=True)
+        else:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(item, dst / rel)
+    return dst

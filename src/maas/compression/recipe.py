@@ -1,0 +1,204 @@
+"""Compression recipes: YAML in, one pydantic model per step type, every mistake reported before any work.
+
+A recipe is an optional ``evaluation`` (how parent and child are measured) and a list of ``steps``
+applied in order. Each step type is one module: ``prune`` (:mod:`maas.compression.prune`), ``quantize``
+(:mod:`maas.compression.quantize`), ``distill`` (:mod:`maas.compression.distill`) and ``export``.
+
+.. code-block:: yaml
+
+    evaluation: {dataset: maas.demo.digits:test_dataset, metric: accuracy, output: probabilities}
+    steps:
+      - type: prune
+        method: structured
+        amount: 0.5
+        finetune: {dataset: maas.demo.digits:train_dataset, steps: 300}
+      - type: export
+        format: onnx
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from maas.errors import InvalidInput
+from maas.training.imports import check_import_path
+
+STEP_TYPES = ("prune", "quantize", "distill", "export")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetSpec(_Strict):
+    """A dataset factory (``package.module:function``) called with ``kwargs``. It returns a map-style
+    dataset of ``(input, label)`` pairs (tensors or arrays), or of inputs alone, or a list of texts."""
+
+    dataset: str
+    kwargs: dict[str, Any] = {}
+
+    _check = field_validator("dataset")(check_import_path)
+
+
+class TrainSpec(DatasetSpec):
+    """Training for fine-tuning after pruning, and for distillation: single process, on the CPU or GPU."""
+
+    steps: int = Field(300, ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adam"
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 0
+
+
+class EvaluationSpec(DatasetSpec):
+    """How parent and child are compared: the task metric on ``dataset``, latency and throughput."""
+
+    #: ``accuracy`` needs labels; ``cosine`` is the mean cosine similarity of the child's outputs to the
+    #: parent's; ``auto`` picks accuracy when the dataset has labels, else cosine.
+    metric: Literal["auto", "accuracy", "cosine"] = "auto"
+    #: The output the metric reads; default: the first floating-point output.
+    output: str | None = None
+    batch_size: int = Field(64, ge=1)
+    #: Cap on evaluated examples (None: all).
+    limit: int | None = Field(None, ge=1)
+    #: Timed calls for latency p50 at batch 1 (throughput at batch 32 uses a fifth as many).
+    latency_runs: int = Field(50, ge=5, le=100_000)
+
+
+class PruneStep(_Strict):
+    type: Literal["prune"]
+    #: ``structured`` removes whole neurons / output channels / attention heads and rebuilds the layers at
+    #: their smaller shapes; ``unstructured`` zeroes single weights by magnitude (the file and the speed do
+    #: not change; sparsity is made permanent).
+    method: Literal["structured", "unstructured"] = "structured"
+    #: Fraction removed, 0 < amount < 1.
+    amount: float = Field(gt=0, lt=1)
+    #: structured: what is removed.
+    target: Literal["neurons", "channels", "heads"] = "neurons"
+    #: unstructured: one threshold over all layers (global) or the same fraction in each layer.
+    scope: Literal["global", "layer"] = "global"
+    #: Limit pruning to these layers (names as in the model); default: every layer that can be pruned.
+    layers: list[str] | None = None
+    finetune: TrainSpec | None = None
+
+
+class QuantizeStep(_Strict):
+    type: Literal["quantize"]
+    #: ``onnxruntime`` for ONNX models (and Hugging Face models exported to ONNX); ``torchao`` for torch models.
+    backend: Literal["onnxruntime", "torchao"] = "onnxruntime"
+    #: onnxruntime: ``dynamic`` (int8 weights, activations quantized at run time) or ``static`` (QDQ,
+    #: calibrated). torchao: ``weight_only`` or ``dynamic`` (int8 dynamic activation, int8 weight).
+    #: ``auto`` tries each mode of the backend and keeps the fastest at batch 32.
+    mode: Literal["auto", "dynamic", "static", "weight_only"] = "dynamic"
+    per_channel: bool = True
+    #: static: representative inputs for calibration.
+    calibration: DatasetSpec | None = None
+    calibration_samples: int = Field(128, ge=1)
+    #: ONNX op types to quantize (default: the backend's choice for the mode).
+    op_types: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _modes(self) -> QuantizeStep:
+        valid = {"onnxruntime": ("auto", "dynamic", "static"), "torchao": ("auto", "weight_only", "dynamic")}
+        if self.mode not in valid[self.backend]:
+            raise ValueError(
+                f"mode {self.mode!r} is not a mode of backend {self.backend!r}; "
+                f"choose one of {', '.join(valid[self.backend])}"
+            )
+        if self.mode == "static" and self.calibration is None:
+            raise ValueError("mode 'static' needs calibration: {dataset: package.module:function}")
+        return self
+
+
+class StudentSpec(_Strict):
+    factory: str
+    kwargs: dict[str, Any] = {}
+
+    _check = field_validator("factory")(check_import_path)
+
+
+class DistillStep(_Strict):
+    type: Literal["distill"]
+    student: StudentSpec
+    train: TrainSpec
+    #: Softmax temperature of the soft targets; the soft loss is scaled by T².
+    temperature: float = Field(4.0, gt=0)
+    #: Weight of the soft (teacher) loss; 1 - alpha weighs the hard-label loss.
+    alpha: float = Field(0.5, ge=0, le=1)
+    #: The teacher output read as its prediction (default: the first floating-point output).
+    teacher_output: str | None = None
+    #: ``classifier`` serves the student's logits as (probabilities, label), like the training publisher.
+    head: Literal["none", "classifier"] = "none"
+    #: Train with this many seeds (train.seed, +1, …) and report the mean; the first seed's student is kept.
+    seeds: int = Field(1, ge=1, le=20)
+    #: Also train the same student without the teacher (alpha 0) on the same seeds and report both.
+    baseline: bool = False
+
+
+class ExportStep(_Strict):
+    type: Literal["export"]
+    format: Literal["onnx", "torch_export"]
+
+
+Step = Annotated[PruneStep | QuantizeStep | DistillStep | ExportStep, Field(discriminator="type")]
+
+
+class Recipe(_Strict):
+    evaluation: EvaluationSpec | None = None
+    steps: list[Step] = Field(min_length=1)
+    description: str = ""
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the discriminator's value in the location (steps.0.prune.amount): drop it.
+    parts = [str(p) for p in loc if p not in STEP_TYPES]
+    return ".".join(parts) or "(top level)"
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is not a valid recipe:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = _where(loc)
+        kind = err["type"]
+        if kind == "union_tag_invalid":
+            tag = err.get("ctx", {}).get("tag")
+            lines.append(f"  - {where}: unknown step type {tag!r}; valid step types: {', '.join(STEP_TYPES)}")
+        elif kind == "union_tag_not_found":
+            lines.append(f"  - {where}: a step needs a 'type' ({', '.join(STEP_TYPES)})")
+        elif kind == "extra_forbidden":
+            lines.append(f"  - unknown key {where!r}; remove it or check its spelling")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            shown = err.get("input")
+            got = "" if isinstance(shown, dict | list) or "input" not in err else f" (got {shown!r})"
+            lines.append(f"  - {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if isinstance(data, list):
+        data = {"steps": data}
+    if not isinstance(data, dict):
+        raise InvalidInput(f"{source} must be a YAML mapping with 'steps' (a list of steps), or a list of steps")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(_format(exc, source)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe (``yaml.safe_load`` only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
+    return parse_recipe(data, str(path))
