@@ -14,6 +14,7 @@ from rich.console import Console
 BENCHMARKS = {
     "serving": "serving:run",
     "training": "training:run",
+    "compression": "compression:run",
 }
 
 

@@ -44,9 +44,14 @@ class Candidate:
     history: list[str] = field(default_factory=list)
     #: Findings the report prints (e.g. "int8 was not faster than fp32 on this CPU; kept fp32").
     notes: list[str] = field(default_factory=list)
+    #: Intermediate models the report also measures beside parent and child: (label, path, registry format),
+    #: e.g. the fp32 ONNX model an int8 child was quantized from.
+    references: list[tuple[str, Path, str]] = field(default_factory=list)
 
     def evolve(self, **changes: Any) -> Candidate:
-        return replace(self, history=list(self.history), notes=list(self.notes), **changes)
+        return replace(
+            self, history=list(self.history), notes=list(self.notes), references=list(self.references), **changes
+        )
 
 
 @dataclass

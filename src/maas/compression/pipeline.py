@@ -243,6 +243,11 @@ def compress(
 
         parent_rt = runtimes.load(parent_path, parent.format, device=device)
         child_rt = runtimes.load(child_path, child_format, device=device)
+        refs = [
+            (label, (runtimes.load(path, fmt, device=device), path, fmt, None))
+            for label, path, fmt in cand.references
+            if path.exists() and path.resolve() != parent_path.resolve()
+        ]
         try:
             report = compare(
                 (parent_rt, parent_path, parent.format, parent.uri),
@@ -251,11 +256,12 @@ def compress(
                 recipe.evaluation,
                 steps=cand.history,
                 notes=cand.notes,
+                references=refs,
                 progress=progress,
             )
         finally:
-            parent_rt.close()
-            child_rt.close()
+            for rt in (parent_rt, child_rt, *(m[0] for _, m in refs)):
+                rt.close()
         if report_path is not None:
             report.write_json(report_path)
         if max_metric_drop is not None and report.metric_drop > max_metric_drop:

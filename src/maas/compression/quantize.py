@@ -112,6 +112,8 @@ def apply(step: QuantizeStep, cand: Candidate, ctx: StepContext) -> Candidate:
             f"int8 {best} was {ms[f'int8 {best}'] / ms['fp32']:.2f}x slower than fp32 on this CPU "
             f"({ms[f'int8 {best}']:.3g} ms vs {ms['fp32']:.3g} ms at batch {TIMING_BATCH}); it is smaller, not faster"
         )
+    if fp32.kind in ("onnx", "hf") and fp32.path is not None:  # the report measures it beside parent and child
+        child.references.append(("fp32 before int8", fp32.path, "onnx" if fp32.kind == "onnx" else "hf_transformers"))
     line = impl.describe(step, best)
     if step.mode == "auto":
         line += f" (auto: fastest of {', '.join(results)})"

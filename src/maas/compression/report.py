@@ -242,6 +242,8 @@ class Report:
     child: Measurement
     steps: list[str]
     notes: list[str] = field(default_factory=list)
+    #: Intermediate models measured in the same run, e.g. ("fp32 before int8", its measurement).
+    references: list[tuple[str, Measurement]] = field(default_factory=list)
     machine: str = field(default_factory=lambda: f"{platform.processor() or platform.machine()}, {_cpus()} CPUs")
     measured_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
@@ -249,8 +251,9 @@ class Report:
     def metric_drop(self) -> float:
         return self.parent.metric - self.child.metric
 
-    def ratios(self) -> dict[str, float]:
-        p, c = self.parent, self.child
+    def ratios(self, against: Measurement | None = None) -> dict[str, float]:
+        """Child / ``against`` (the parent by default) for size, parameters, latencies and throughput."""
+        p, c = against or self.parent, self.child
 
         def r(a: float, b: float) -> float:
             return a / b if b else float("nan")
@@ -269,6 +272,9 @@ class Report:
             "child": asdict(self.child),
             "ratios": self.ratios(),
             "metric_drop": self.metric_drop,
+            "references": [
+                {"label": label, **asdict(m), "child_ratios": self.ratios(m)} for label, m in self.references
+            ],
             "steps": list(self.steps),
             "notes": list(self.notes),
             "machine": self.machine,
@@ -302,18 +308,23 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+Measured = tuple[Runtime, Path, str, str | None]  # (runtime, artifact path, format, uri)
+
+
 def compare(
-    parent: tuple[Runtime, Path, str, str | None],
-    child: tuple[Runtime, Path, str, str | None],
+    parent: Measured,
+    child: Measured,
     data: EvalData,
     spec: EvaluationSpec,
     *,
     steps: Sequence[str] = (),
     notes: Sequence[str] = (),
+    references: Sequence[tuple[str, Measured]] = (),
     progress: Progress = lambda desc, done, total: None,
 ) -> Report:
-    """Measure ``parent`` and ``child`` — each (runtime, artifact path, format, uri) — on ``data``."""
+    """Measure ``parent``, ``child`` and any labelled ``references`` on ``data``, interleaved."""
     p_rt, c_rt = parent[0], child[0]
+    models = [parent, child, *(m for _, m in references)]
     output = _metric_output(p_rt.signature, spec.output)
     if c_rt.signature.output(output) is None:
         raise InvalidInput(
@@ -330,24 +341,26 @@ def compare(
         )
 
     progress("evaluate", 0, 4)
-    p_out = _predict(p_rt, data, output, spec.batch_size)
-    progress("evaluate", 1, 4)
-    c_out = _predict(c_rt, data, output, spec.batch_size)
+    outs = [_predict(m[0], data, output, spec.batch_size) for m in models]
     if metric_name == "accuracy":
         assert data.labels is not None
-        p_metric, c_metric = accuracy(p_out, data.labels), accuracy(c_out, data.labels)
+        metrics = [accuracy(o, data.labels) for o in outs]
     else:
-        p_metric, c_metric = 1.0, mean_cosine(c_out, p_out)
+        metrics = [1.0, *(mean_cosine(o, outs[0]) for o in outs[1:])]
     progress("evaluate", 2, 4)
 
     one, many = data.batch(1), data.batch(32)
-    b1 = _interleaved([lambda: p_rt.infer(one), lambda: c_rt.infer(one)], spec.latency_runs)
+
+    def calls(batch: dict[str, np.ndarray]) -> list[Callable[[], object]]:
+        return [lambda rt=m[0]: rt.infer(batch) for m in models]
+
+    b1 = _interleaved(calls(one), spec.latency_runs)
     progress("evaluate", 3, 4)
-    b32 = _interleaved([lambda: p_rt.infer(many), lambda: c_rt.infer(many)], max(5, spec.latency_runs // 5))
+    b32 = _interleaved(calls(many), max(5, spec.latency_runs // 5))
     progress("evaluate", 4, 4)
 
-    def measurement(i: int, who: tuple[Runtime, Path, str, str | None], metric: float) -> Measurement:
-        _, path, fmt, uri = who
+    def measurement(i: int) -> Measurement:
+        _, path, fmt, uri = models[i]
         l32 = statistics.median(b32[i])
         return Measurement(
             uri=uri,
@@ -358,14 +371,15 @@ def compare(
             latency_p50_ms_b32=l32 * 1e3,
             throughput_b32=32 / l32,
             metric_name=metric_name,
-            metric=metric,
+            metric=metrics[i],
         )
 
     return Report(
-        parent=measurement(0, parent, p_metric),
-        child=measurement(1, child, c_metric),
+        parent=measurement(0),
+        child=measurement(1),
         steps=list(steps),
         notes=list(notes),
+        references=[(label, measurement(2 + i)) for i, (label, _) in enumerate(references)],
     )
 
 
@@ -381,39 +395,36 @@ def _mb(n: float) -> str:
 
 
 def table(report: Report) -> Any:
-    """A Rich table: parent, child and the ratio for each measurement."""
+    """A Rich table: parent, any references, child, and child / parent for each measurement."""
     from rich.table import Table
 
     p, c, r = report.parent, report.child, report.ratios()
+    refs = report.references
     t = Table(title=f"compression report ({report.machine})", title_justify="left")
     t.add_column("")
     t.add_column(f"parent {p.uri or ''}".strip(), justify="right")
+    for label, _ in refs:
+        t.add_column(label, justify="right")
     t.add_column("child", justify="right")
     t.add_column("child / parent", justify="right")
-    t.add_row("format", p.format, c.format, "")
-    t.add_row("size on disk", _mb(p.size_bytes), _mb(c.size_bytes), f"{r['size']:.3f}")
-    t.add_row("parameters", f"{p.parameters:,}", f"{c.parameters:,}", f"{r['parameters']:.3f}")
-    t.add_row(
-        "latency p50, batch 1",
-        f"{p.latency_p50_ms_b1:.3f} ms",
-        f"{c.latency_p50_ms_b1:.3f} ms",
-        f"{r['latency_b1']:.3f}",
-    )
-    t.add_row(
-        "latency p50, batch 32",
-        f"{p.latency_p50_ms_b32:.3f} ms",
-        f"{c.latency_p50_ms_b32:.3f} ms",
-        f"{r['latency_b32']:.3f}",
-    )
-    t.add_row(
-        "throughput, batch 32", f"{p.throughput_b32:,.0f}/s", f"{c.throughput_b32:,.0f}/s", f"{r['throughput_b32']:.3f}"
-    )
-    t.add_row(p.metric_name, f"{p.metric:.4f}", f"{c.metric:.4f}", f"drop {report.metric_drop:+.4f}")
+    for label, _ in refs:
+        t.add_column(f"child / {label}", justify="right")
+    ms = [p, *(m for _, m in refs), c]
+    ref_ratios = [report.ratios(m) for _, m in refs]
+
+    def row(name: str, cell: Callable[[Measurement], str], key: str | None) -> None:
+        ratio = [f"{r[key]:.3f}" if key else "", *(f"{rr[key]:.3f}" if key else "" for rr in ref_ratios)]
+        t.add_row(name, *(cell(m) for m in ms), *ratio)
+
+    row("format", lambda m: m.format, None)
+    row("size on disk", lambda m: _mb(m.size_bytes), "size")
+    row("parameters", lambda m: f"{m.parameters:,}", "parameters")
+    row("latency p50, batch 1", lambda m: f"{m.latency_p50_ms_b1:.3f} ms", "latency_b1")
+    row("latency p50, batch 32", lambda m: f"{m.latency_p50_ms_b32:.3f} ms", "latency_b32")
+    row("throughput, batch 32", lambda m: f"{m.throughput_b32:,.0f}/s", "throughput_b32")
+    drops = [f"drop {report.metric_drop:+.4f}", *(f"drop {m.metric - c.metric:+.4f}" for _, m in refs)]
+    t.add_row(p.metric_name, *(f"{m.metric:.4f}" for m in ms), *drops)
     return t
-
-
-#: Child metrics that ``maas models report`` reads back from the registry.
-REPORT_METRICS = ("size_bytes", "parameters", "latency_p50_ms_b1", "latency_p50_ms_b32", "throughput_b32")
 
 
 def version_points(versions: Sequence[Any]) -> list[dict[str, Any]]:

@@ -98,11 +98,11 @@ def load_model(path: Path, *, dtype: torch.dtype | None = None) -> nn.Module:
     config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=False)
     heads = pruned_heads(config)
     if heads is None:
-        model = AutoModel.from_pretrained(
+        stock: nn.Module = AutoModel.from_pretrained(
             root, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=dtype
         )
-        return model.eval()
-    model = AutoModel.from_config(config, trust_remote_code=False, dtype=dtype)
+        return stock.eval()
+    model: nn.Module = AutoModel.from_config(config, trust_remote_code=False, dtype=dtype)  # type: ignore[no-untyped-call]
     blocks = attention_blocks(model)
     if len(blocks) != len(heads):
         raise InvalidInput(
