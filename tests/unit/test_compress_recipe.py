@@ -137,3 +137,59 @@ def test_version_points_take_parents_from_childrens_reports() -> None:
     report = {"parent": m(1, 1000, 0.95), "child": {**m(2, 500, 0.94), "uri": None}}
     points = version_points([V(1, {}), V(2, {"compression_report": report})])
     assert [(p["version"], p["parent_version"], p["size_bytes"]) for p in points] == [(1, None, 1000), (2, 1, 500)]
+
+
+class _Scaled:
+    """A stand-in runtime: scores = input @ w (its 'file' is a real .onnx-free path)."""
+
+    def __init__(self, w: np.ndarray) -> None:
+        from maas.tensors import Signature, TensorSpec
+
+        self.w = w
+        self.device = "cpu"
+        self.signature = Signature(
+            inputs=(TensorSpec("x", "FP32", (-1, 3)),), outputs=(TensorSpec("scores", "FP32", (-1, 2)),)
+        )
+
+    def infer(self, inputs: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        return {"scores": inputs["x"] @ self.w}
+
+    def close(self) -> None:
+        pass
+
+
+def test_compare_measures_parent_child_and_references(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from maas.compression import report as rep
+    from maas.compression.recipe import EvaluationSpec
+
+    monkeypatch.setattr(rep, "count_parameters", lambda path, fmt: path.stat().st_size // 4)
+    files = {}
+    for name, size in [("parent", 4000), ("child", 1000), ("ref", 2000)]:
+        files[name] = tmp_path / name
+        files[name].write_bytes(b"\0" * size)
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    w = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+    labels = (x @ w).argmax(axis=1)
+    labels[:4] = 1 - labels[:4]  # the parent gets 36 of 40 right
+    data = rep.EvalData(inputs={"x": x}, labels=labels)
+    spec = EvaluationSpec(dataset="a.b:c", latency_runs=5)
+    result = rep.compare(
+        (_Scaled(w), files["parent"], "onnx", "models:/m/1"),
+        (_Scaled(-w), files["child"], "onnx", None),  # a child that gets the rest wrong: accuracy 0.1
+        data,
+        spec,
+        references=[("fp32 before int8", (_Scaled(w), files["ref"], "onnx", None))],
+    )
+    assert result.parent.metric == pytest.approx(0.9) and result.child.metric == pytest.approx(0.1)
+    assert result.metric_drop == pytest.approx(0.8)
+    assert result.ratios()["size"] == pytest.approx(0.25)
+    ref_label, ref = result.references[0]
+    assert ref_label == "fp32 before int8" and ref.size_bytes == 2000
+    assert result.to_dict()["references"][0]["child_ratios"]["size"] == pytest.approx(0.5)
+    assert result.child_metrics()["accuracy"] == pytest.approx(0.1)
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(rep.table(result))
+    text = console.export_text()
+    assert "child / fp32 before int8" in text and "4.00 KB" in text and "drop +0.8000" in text

@@ -137,9 +137,9 @@ def count_parameters(path: Path, format: str) -> int:
                     total += count
         return total
     if format == "torch_export":
-        import torch
+        from maas.runtimes.torch_export import load_program  # the archive is checked first: nothing pickled loads
 
-        program = torch.export.load(str(path))
+        program = load_program(path)
         return sum(int(t.numel()) for t in program.state_dict.values())
     if format == "hf_transformers":
         from safetensors import safe_open

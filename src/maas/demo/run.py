@@ -144,7 +144,7 @@ print(c.infer('{MODEL_NAME}',[i]).as_numpy('label'))"
   maas models show {MODEL_NAME}
   maas models alias set {MODEL_NAME} production 1     # the server follows within a second
   maas models rollback {MODEL_NAME}
-  maas compress {MODEL_NAME} --recipe examples/compress/digits_prune.yaml --name {MODEL_NAME}-small   # from the repo root
+  maas compress {MODEL_NAME} --recipe examples/compress/digits_prune.yaml --name {MODEL_NAME}-small  # repo root
   maas models report {MODEL_NAME}-small
   curl {url}/metrics"""
 
