@@ -1,5 +1,6 @@
 """Training configs: every mistake caught before a process starts, with the fix named."""
 
+import os
 import re
 from pathlib import Path
 
@@ -90,3 +91,20 @@ def test_yaml_errors_are_reported(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(InvalidInput, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_worker_threads_are_set_only_while_the_workers_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A ddp run used to leave OMP_NUM_THREADS=1 in the caller's environment: every later single-process run
+    # from the same process then trained on one thread (half the speed on 2 cores).
+    from maas.training.launch import _threads_per_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with _threads_per_worker(2):
+        assert os.environ["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert "OMP_NUM_THREADS" not in os.environ
+    with _threads_per_worker(1):
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own choice wins, and stays
+    with _threads_per_worker(2):
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert os.environ["OMP_NUM_THREADS"] == "3"

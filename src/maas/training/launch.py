@@ -6,9 +6,11 @@ The same call runs on one machine or many (c10d rendezvous). Workers that die ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +97,11 @@ def train(
         start_method="spawn",
         monitor_interval=0.1,
     )
-    if nproc_per_node > 1 and "OMP_NUM_THREADS" not in os.environ:
-        # As torchrun does: N processes each using every core oversubscribe the machine (8x slower seen here).
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
     try:
-        results = elastic_launch(launch_config, worker.main)(cfg.to_json(), run.id, str(run_dir), str(registry.home))
+        with _threads_per_worker(nproc_per_node):
+            results = elastic_launch(launch_config, worker.main)(
+                cfg.to_json(), run.id, str(run_dir), str(registry.home)
+            )
     except ChildFailedError as exc:
         registry.finish_run(run.id, status="failed", error=_failure(exc))
         raise MaasError(
@@ -119,6 +121,21 @@ def train(
     return registry.finish_run(
         run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
     )
+
+
+@contextlib.contextmanager
+def _threads_per_worker(nproc_per_node: int) -> Iterator[None]:
+    """OMP_NUM_THREADS for the workers, as torchrun sets it: N processes each using every core oversubscribe
+    the machine (8x slower seen here). Set only while they run: the caller's own environment (and a later
+    single-process run from the same process) keeps its threads."""
+    if nproc_per_node <= 1 or "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+    try:
+        yield
+    finally:
+        os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def _failure(exc: Any) -> str:
