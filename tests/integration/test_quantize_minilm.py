@@ -92,7 +92,8 @@ def test_int8_file_is_at_most_30_percent(models: tuple[Candidate, Candidate]):
     ratio = int8.stat().st_size / fp32.stat().st_size
     print(f"size: fp32 {fp32.stat().st_size / 1e6:.1f} MB, int8 {int8.stat().st_size / 1e6:.1f} MB, ratio {ratio:.3f}")
     assert ratio <= 0.30
-    assert models[1].history == ["quantize onnxruntime dynamic int8 (per-channel)"]
+    # "(per-channel 7-bit)" on x86 CPUs without VNNI (reduce_range chosen for them)
+    assert models[1].history[0].startswith("quantize onnxruntime dynamic int8 (per-channel")
 
 
 def test_embeddings_keep_cosine_099(models: tuple[Candidate, Candidate]):

@@ -71,7 +71,8 @@ def op_types(path: Path) -> set[str]:
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_onnxruntime_int8_is_smaller_and_agrees(mode: str, digits_onnx: Path, digits: DigitsData, ctx: StepContext):
     parent = onnx_candidate(digits_onnx)
-    step = QuantizeStep(type="quantize", mode=mode, calibration=CALIBRATION if mode == "static" else None)
+    calibration = CALIBRATION if mode == "static" else None
+    step = QuantizeStep(type="quantize", mode=mode, calibration=calibration, reduce_range=False)
     child = quantize.apply(step, parent, ctx)
 
     assert child.kind == "onnx" and child.format == "onnx" and child.path is not None
@@ -106,6 +107,23 @@ def test_static_weights_are_per_channel(digits_onnx: Path, ctx: StepContext):
     ]
     # Per-channel: one scale per output unit (128 hidden, 10 classes), not one per tensor.
     assert sorted(int(np.prod(s.dims)) for s in weight_scales) == [10, 128]
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_reduce_range_keeps_weights_in_7_bits_and_says_so(mode: str, digits_onnx: Path, ctx: StepContext):
+    calibration = CALIBRATION if mode == "static" else None
+    step = QuantizeStep(type="quantize", mode=mode, calibration=calibration, reduce_range=True, calibration_samples=64)
+    child = quantize.apply(step, onnx_candidate(digits_onnx), ctx)
+    model = onnx.load(str(child.path))
+    weights = [onnx.numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and all(np.abs(w.astype(np.int32)).max() <= 64 for w in weights)
+    assert "7-bit" in child.history[0]
+    assert any("7 bits" in n and "reduce_range: false" in n for n in child.notes)
+
+
+def test_reduce_range_is_an_onnxruntime_option():
+    with pytest.raises(ValueError, match="reduce_range is an onnxruntime option"):
+        QuantizeStep(type="quantize", backend="torchao", mode="weight_only", reduce_range=True)
 
 
 def fake_measure(times: dict[str, float]):  # type: ignore[no-untyped-def]

@@ -6,7 +6,9 @@ quantizer skips it), ``Gather`` over a weight table (a transformer's word embedd
 encoder's file), and ORT's fused ``Attention``/``EmbedLayerNormalization``/``LSTM``. ``Conv`` is left out
 unless ``op_types`` names it, because ``ConvInteger`` has no fast kernel on the CPU. Weights are signed and
 activations unsigned (U8S8), the fast pair on x86; on x86 CPUs without VNNI the weights use 7 bits
-(``reduce_range``) so the 16-bit accumulation of ``vpmaddubsw`` cannot saturate.
+(``reduce_range``, which the recipe can also force on or off) so the 16-bit accumulation of ``vpmaddubsw``
+cannot saturate. On all-MiniLM-L6-v2, 7-bit weights measured a mean cosine of 0.9907 to fp32 over
+``sentences(200)`` against 0.9918 with 8 bits.
 
 ``static`` inserts QuantizeLinear/DequantizeLinear pairs (the QDQ format, which ORT fuses into integer
 kernels) with per-channel weights and activation ranges calibrated (MinMax) on the first
@@ -62,8 +64,13 @@ def modes(step: QuantizeStep) -> list[str]:
     return ["dynamic", "static"] if step.calibration is not None else ["dynamic"]
 
 
+def reduce_range(step: QuantizeStep) -> bool:
+    """Whether the weights use 7 bits: as the recipe says, else on x86 CPUs without VNNI."""
+    return _reduce_range() if step.reduce_range is None else step.reduce_range
+
+
 def describe(step: QuantizeStep, mode: str) -> str:
-    weights = "per-channel" if step.per_channel else "per-tensor"
+    weights = ("per-channel" if step.per_channel else "per-tensor") + (" 7-bit" if reduce_range(step) else "")
     if mode == "static":
         samples = step.calibration_samples
         return f"quantize onnxruntime static int8 QDQ ({weights}, MinMax calibration on {samples} samples)"
@@ -109,7 +116,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
                 dest,
                 op_types_to_quantize=ops,
                 per_channel=step.per_channel,
-                reduce_range=_reduce_range(),
+                reduce_range=reduce_range(step),
                 weight_type=QuantType.QInt8,
                 extra_options=extra,
             )
@@ -122,7 +129,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=ops or None,
                 per_channel=step.per_channel,
-                reduce_range=_reduce_range(),
+                reduce_range=reduce_range(step),
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 extra_options=extra,
@@ -146,6 +153,13 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
         if cand.kind == "hf"
         else cand.evolve(kind="onnx", path=dest, module=None, format="onnx")
     )
+    if reduce_range(step):
+        child.notes.append(
+            "int8 weights use 7 bits (reduce_range"
+            + (", chosen because this CPU has no VNNI" if step.reduce_range is None else "")
+            + "): no saturation in the 16-bit accumulation of x86 CPUs without VNNI, at a small cost in accuracy; "
+            "`reduce_range: false` keeps 8 bits"
+        )
     if fused:
         child.notes.append(
             f"int8 {mode}: fused {fused} attention blocks into onnxruntime's MultiHeadAttention before quantizing "

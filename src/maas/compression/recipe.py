@@ -96,6 +96,9 @@ class QuantizeStep(_Strict):
     #: ``auto`` tries each mode of the backend and keeps the fastest at batch 32.
     mode: Literal["auto", "dynamic", "static", "weight_only"] = "dynamic"
     per_channel: bool = True
+    #: onnxruntime: 7-bit weights, so the 16-bit accumulation of x86 CPUs without VNNI cannot saturate.
+    #: None (default): only on such CPUs. It costs a little accuracy; false keeps 8 bits and risks saturation.
+    reduce_range: bool | None = None
     #: static: representative inputs for calibration.
     calibration: DatasetSpec | None = None
     calibration_samples: int = Field(128, ge=1)
@@ -110,6 +113,8 @@ class QuantizeStep(_Strict):
                 f"mode {self.mode!r} is not a mode of backend {self.backend!r}; "
                 f"choose one of {', '.join(valid[self.backend])}"
             )
+        if self.reduce_range is not None and self.backend != "onnxruntime":
+            raise ValueError("reduce_range is an onnxruntime option; remove it for backend torchao")
         if self.mode == "static" and self.calibration is None:
             raise ValueError("mode 'static' needs calibration: {dataset: package.module:function}")
         return self
