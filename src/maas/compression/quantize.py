@@ -103,8 +103,12 @@ def apply(step: QuantizeStep, cand: Candidate, ctx: StepContext) -> Candidate:
             f"{name} {ms[name]:.3g} ms ({_speed(ms[name], ms['fp32'])}; {_agreement(outputs['fp32'], outputs[name])})"
         )
     child.notes.append(
-        f"quantize {step.backend}: batch {TIMING_BATCH} on this CPU, median of {2 * rounds} runs in {rounds} "
-        "interleaved rounds: " + ", ".join(parts) + (f"; kept int8 {best}, the fastest" if len(results) > 1 else "")
+        # The step times the example inputs repeated to a batch: texts of one length, no padding. The report
+        # times the evaluation data, so its figures (and the speed-up) can differ from these.
+        f"quantize {step.backend}: batch {TIMING_BATCH} of the example inputs repeated, on this CPU, median of "
+        f"{2 * rounds} runs in {rounds} interleaved rounds: "
+        + ", ".join(parts)
+        + (f"; kept int8 {best}, the fastest" if len(results) > 1 else "")
     )
     child.notes.extend(failures)
     if ms[f"int8 {best}"] >= ms["fp32"]:
