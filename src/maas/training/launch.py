@@ -117,7 +117,7 @@ def train(
     results = results or {}
     # The strategy's reporting rank (not always rank 0: a parameter server's is its first worker) evaluated it.
     reporting = next((r for r in results.values() if r and r.get("reports")), None)
-    first = reporting or results.get(0) or next(iter(results.values()), {})
+    first: dict[str, Any] = reporting or results.get(0) or next(iter(results.values()), {})
     return registry.finish_run(
         run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
     )

@@ -13,6 +13,7 @@ import torch.distributed as dist
 from maas.training.config import TrainConfig
 from maas.training.imports import resolve
 from maas.training.loop import train_loop
+from maas.training.stores import PrefixStore, Store, TCPStore
 from maas.training.strategies import WorkerContext
 
 
@@ -26,7 +27,7 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _attempt_store(rank: int, world: int) -> dist.Store:
+def _attempt_store(rank: int, world: int) -> Store:
     """The rendezvous store, with keys scoped to this restart attempt.
 
     The elastic agent keeps one store across restarts, and torch's env:// init does not scope keys by
@@ -35,14 +36,14 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
     from datetime import timedelta
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
+    store = TCPStore(
         host_name=os.environ["MASTER_ADDR"],
         port=int(os.environ["MASTER_PORT"]),
         world_size=world,
         is_master=not agent_store and rank == 0,
         timeout=timedelta(minutes=10),
     )
-    return dist.PrefixStore(f"/maas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return PrefixStore(f"/maas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def main(config: dict[str, Any], run_id: str, run_dir: str, home: str) -> dict[str, Any]:

@@ -75,7 +75,7 @@ class ParameterServer:
         with self._lock:
             if worker not in self.clocks or step != self.clocks[worker] or worker in self._held:
                 answer.set_exception(
-                    RuntimeError(
+                    RuntimeError(  # type: ignore[arg-type]  # torch's stub types it as the result type
                         f"server {self.index} got step {step} from worker {worker}, expected step "
                         f"{self.clocks.get(worker)} from one of workers {self.workers}"
                     )
@@ -106,7 +106,7 @@ class ParameterServer:
             if failure is None:
                 future.set_result(None)
             else:
-                future.set_exception(failure)
+                future.set_exception(failure)  # type: ignore[arg-type]  # (see push)
         return answer
 
     def pull(self, with_optimizer: bool = False) -> Shard:

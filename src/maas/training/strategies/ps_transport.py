@@ -18,7 +18,9 @@ from urllib.parse import urlparse
 import torch
 import torch.distributed as dist
 import torch.distributed.rpc as rpc
+from torch.distributed.rendezvous import register_rendezvous_handler
 
+from maas.training.stores import Store, TCPStore
 from maas.training.strategies.ps_server import Grads, ParameterServer, Shard
 
 #: pushes may be held for as long as the slowest worker needs (sync, bounded); the launcher ends a failed job
@@ -99,7 +101,7 @@ class RpcTransport:
         global _rpc_store, _registered
         _rpc_store = _store(rank, world_size)
         if not _registered:
-            dist.register_rendezvous_handler(_SCHEME, _handler)
+            register_rendezvous_handler(_SCHEME, _handler)
             _registered = True
         options = rpc.TensorPipeRpcBackendOptions(init_method=f"{_SCHEME}://")
         with _quiet():
@@ -137,27 +139,27 @@ class RpcTransport:
 
 _SCHEME = "maas-ps"
 _registered = False
-_rpc_store: dist.Store | None = None
+_rpc_store: Store | None = None
 
 
-def _store(rank: int, world_size: int) -> dist.Store:
+def _store(rank: int, world_size: int) -> Store:
     """A fresh TCPStore: rank 0 hosts it on a port the OS picks and broadcasts the port over the default group."""
     host = os.environ.get("MASTER_ADDR", "127.0.0.1")  # rank 0's host under torchrun
     timeout = timedelta(minutes=10)
     store = None
     port = torch.zeros(1, dtype=torch.int64)
     if rank == 0:
-        store = dist.TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+        store = TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
         port += store.port
     if dist.get_backend() == "nccl":
         port = port.cuda()
     dist.broadcast(port, src=0)
     if store is None:
-        store = dist.TCPStore(host, int(port.item()), world_size, is_master=False, timeout=timeout)
+        store = TCPStore(host, int(port.item()), world_size, is_master=False, timeout=timeout)
     return store
 
 
-def _handler(url: str, **kwargs: Any) -> Iterator[tuple[dist.Store, int, int]]:
+def _handler(url: str, **kwargs: Any) -> Iterator[tuple[Store, int, int]]:
     query = dict(part.split("=", 1) for part in urlparse(url).query.split("&") if part)
     if _rpc_store is None:
         raise RuntimeError(f"{_SCHEME}:// rendezvous outside RpcTransport.start")
