@@ -109,6 +109,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
     # When shape inference cannot type a tensor (outputs of contrib ops), it is a float: what ORT's own
     # transformer optimizer produces around Attention and friends.
     extra: dict[str, Any] = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    seven_bit = reduce_range(step)
     try:
         if mode == "dynamic":
             quantize_dynamic(
@@ -116,7 +117,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
                 dest,
                 op_types_to_quantize=ops,
                 per_channel=step.per_channel,
-                reduce_range=reduce_range(step),
+                reduce_range=seven_bit,
                 weight_type=QuantType.QInt8,
                 extra_options=extra,
             )
@@ -129,7 +130,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=ops or None,
                 per_channel=step.per_channel,
-                reduce_range=reduce_range(step),
+                reduce_range=seven_bit,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 extra_options=extra,
@@ -153,7 +154,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
         if cand.kind == "hf"
         else cand.evolve(kind="onnx", path=dest, module=None, format="onnx")
     )
-    if reduce_range(step):
+    if seven_bit:
         child.notes.append(
             "int8 weights use 7 bits (reduce_range"
             + (", chosen because this CPU has no VNNI" if step.reduce_range is None else "")
