@@ -15,8 +15,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from maas.errors import NotFound
 from maas.testing.server import free_port
-from maas.training.checkpoint import latest, load, rng_state, save
+from maas.training.checkpoint import agreed_latest, latest, load, rng_state, save
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +66,7 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         path = save(Path(run_dir), 2, state, keep=1)
         found = latest(Path(run_dir))
         assert found == (2, path), found
+        assert agreed_latest(Path(run_dir)) == found  # every rank sees the folder rank 0 chose
 
         fresh, fresh_optim = _ddp(seed=1)
         fmsd, fosd = get_state_dict(fresh, fresh_optim)
@@ -80,15 +82,41 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
-def test_two_ranks_save_and_reload_a_ddp_model(tmp_path: Path) -> None:
+def _unshared_worker(rank: int, port: int, base: str) -> None:
+    """Each rank with its own run folder, as two machines without shared storage would have."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        run_dir = Path(base) / f"node{rank}"
+        model, optim = _ddp(seed=0)
+        msd, osd = get_state_dict(model, optim)
+        save(run_dir, 1, {"model": msd, "optim": osd, "loop": {"step": 1}}, keep=1)
+        # Rank 0 published in its folder; rank 1's share could never be resumed from and is gone.
+        assert not (run_dir / "checkpoints" / "step-00000001.partial").exists()
+        try:
+            agreed_latest(run_dir)
+        except NotFound as exc:  # on both ranks: none may wait in a load the other never starts
+            assert "rank(s) [1] cannot see" in str(exc) and "every rank must see the same folder" in str(exc), exc
+        else:
+            raise AssertionError("agreed_latest accepted a checkpoint that rank 1 cannot read")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(worker: str, path: Path) -> None:
     # Plain subprocesses rather than mp.spawn: each rank's stderr comes back, and nothing is exchanged by pickle.
     port = free_port()
-    code = "import sys; from tests.integration.test_checkpoint_distributed import _worker; "
-    code += "_worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
+    code = f"import sys; from tests.integration.test_checkpoint_distributed import {worker}; "
+    code += f"{worker}(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, str(rank), str(port), str(tmp_path)],
+            [sys.executable, "-c", code, str(rank), str(port), str(path)],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -108,8 +136,20 @@ def test_two_ranks_save_and_reload_a_ddp_model(tmp_path: Path) -> None:
     for rank, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
         assert proc.returncode == 0, f"rank {rank} failed:\n{out}"
 
+
+@pytest.mark.timeout(120)
+def test_two_ranks_save_and_reload_a_ddp_model(tmp_path: Path) -> None:
+    _run_ranks("_worker", tmp_path)
+
     root = tmp_path / "checkpoints"
     assert [p.name for p in root.iterdir()] == ["step-00000002"]  # keep=1 pruned step 1
     files = {p.name for p in (root / "step-00000002").iterdir()}
     assert {".metadata.json", "COMPLETE"} <= files and ".metadata" not in files
     assert any(name.startswith("__1_") for name in files), files  # rank 1 wrote its own share
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_do_not_share_a_run_folder_fail_together_with_the_fix(tmp_path: Path) -> None:
+    _run_ranks("_unshared_worker", tmp_path)
+    assert [p.name for p in (tmp_path / "node0" / "checkpoints").iterdir()] == ["step-00000001"]
+    assert list((tmp_path / "node1" / "checkpoints").iterdir()) == []

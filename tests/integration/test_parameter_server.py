@@ -1,10 +1,6 @@
 """The parameter_server strategy through the real launcher: servers and workers as processes, RPC between them."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +11,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from maas.demo.digits import mlp
 from maas.registry import Registry
 from maas.training import checkpoint
-from tests.integration.test_training import config, finished, only_run, run_cli
+from tests.integration.test_training import config
+from tests.integration.training_support import finished, kill_a_worker_after_checkpoint, only_run, start, train
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +26,7 @@ def ps(mode: str, servers: int = 1, **over: Any) -> dict[str, Any]:
 
 def final_state(home: Path) -> dict[str, torch.Tensor]:
     """The last checkpoint's parameters and optimizer state, flattened (``model.*``, ``optim.state.*``)."""
-    found = checkpoint.latest(home / "runs" / only_run(home))
+    found = checkpoint.latest(home / "runs" / only_run(home).id)
     assert found is not None
     model = mlp(HIDDEN)
     optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -44,23 +41,23 @@ def final_state(home: Path) -> dict[str, torch.Tensor]:
 
 
 def clocks(home: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((home / "runs" / only_run(home) / "ps_clocks.json").read_text())
+    data: dict[str, Any] = json.loads((home / "runs" / only_run(home).id / "ps_clocks.json").read_text())
     return data
 
 
 def test_sync_with_two_servers_equals_ddp(tmp_path: Path) -> None:
-    steps = {"steps": 20, "log_every": 5}
+    # Evaluated after step 10 as well: pulling the servers' shards mid-run must not disturb training.
+    steps = {"steps": 20, "log_every": 5, "eval": {"metric": "accuracy", "every_steps": 10}}
     a, b = tmp_path / "ddp", tmp_path / "ps"
-    finished(run_cli(a, tmp_path, config("ddp", **steps), "--nproc-per-node", "2"))
-    finished(run_cli(b, tmp_path, ps("sync", servers=2, **steps), "--nproc-per-node", "4"))
+    reference = train(a, config("ddp", **steps), "--nproc-per-node", "2").eval_metrics
+    run = train(b, ps("sync", servers=2, **steps), "--nproc-per-node", "4")
     ddp, got = final_state(a), final_state(b)
     assert ddp.keys() == got.keys() and any(k.startswith("optim.") for k in ddp)
     for key in ddp:
         torch.testing.assert_close(got[key], ddp[key], atol=1e-5, rtol=0, msg=key)
     assert not torch.equal(ddp["model.0.weight"], mlp(HIDDEN).state_dict()["0.weight"])  # it did train
-    run = Registry(home=b).list_runs()[0]
-    assert run.status == "succeeded" and run.last_step == 20 and run.world_size == 4
-    reference = Registry(home=a).list_runs()[0].eval_metrics
+    assert run.last_step == 20 and run.world_size == 4
+    assert [e.step for e in Registry(home=b).run_evals(run.id)] == [10, 20]
     assert run.eval_metrics == pytest.approx(reference, abs=1e-5)  # accuracy, and the loss averaged over workers
     recorded = clocks(b)
     assert {r["server"] for r in recorded["records"]} == {0, 1}
@@ -70,9 +67,8 @@ def test_sync_with_two_servers_equals_ddp(tmp_path: Path) -> None:
 @pytest.mark.parametrize("mode", ["async", "bounded"])
 def test_async_modes_train_digits(tmp_path: Path, mode: str) -> None:
     cfg = ps(mode, steps=200, log_every=50, optimizer={"name": "adamw", "lr": 0.003}, deterministic=False)
-    finished(run_cli(tmp_path / "home", tmp_path, cfg, "--nproc-per-node", "3"))
-    run = Registry(home=tmp_path / "home").list_runs()[0]
-    assert run.status == "succeeded" and run.last_step == 200
+    run = train(tmp_path / "home", cfg, "--nproc-per-node", "3")
+    assert run.last_step == 200
     assert run.eval_metrics["accuracy"] >= 0.9
     assert {r["worker"] for r in clocks(tmp_path / "home")["records"]} == {1, 2}
 
@@ -81,7 +77,7 @@ def test_async_modes_train_digits(tmp_path: Path, mode: str) -> None:
 def test_staleness_bound_with_a_slow_worker(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MAAS_PS_SLOW_WORKER", "1:0.15")  # rank 1, the first of two workers
     home = tmp_path / "home"
-    finished(run_cli(home, tmp_path, ps(mode, steps=24, log_every=24, deterministic=False), "--nproc-per-node", "3"))
+    train(home, ps(mode, steps=24, log_every=24, deterministic=False), "--nproc-per-node", "3")
     records = clocks(home)["records"]
     fast = [r for r in records if r["worker"] == 2]
     assert len(fast) == 24 and [r["worker_clock"] for r in fast] == list(range(1, 25))
@@ -92,32 +88,15 @@ def test_staleness_bound_with_a_slow_worker(tmp_path: Path, mode: str, monkeypat
         assert lead > 2  # without the bound it runs ahead: the assertion above can fail
 
 
-def _kill_a_process_after_checkpoint(home: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 120
-    while not (home / "runs").exists() or not any(checkpoint.latest(d) for d in (home / "runs").iterdir()):
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.05)
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    spawned = [
-        int(p)
-        for c in children
-        for p in [c, *subprocess.run(["pgrep", "-P", c], capture_output=True, text=True).stdout.split()]
-        if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
-    ]
-    assert spawned, "no training process found"
-    os.kill(spawned[-1], signal.SIGKILL)
-
-
 def test_killed_run_resumes_to_the_same_parameters(tmp_path: Path) -> None:
     cfg = ps("sync", steps=60, log_every=10, checkpoint={"every_steps": 20, "keep": 2})
     reference = tmp_path / "reference"
-    finished(run_cli(reference, tmp_path, cfg, "--nproc-per-node", "3"))
+    train(reference, cfg, "--nproc-per-node", "3")
     home = tmp_path / "killed"
-    proc = run_cli(home, tmp_path, cfg, "--nproc-per-node", "3", "--max-restarts", "1")
-    _kill_a_process_after_checkpoint(home, proc)
+    proc = start(home, cfg, "--nproc-per-node", "3", "--max-restarts", "1")
+    kill_a_worker_after_checkpoint(home, proc)
     assert "terminated with signal SIGKILL" in finished(proc)  # the agent restarted the job, which resumed
     want, got = final_state(reference), final_state(home)
     for key in want:  # momentum included: the servers got their optimizer state back
         torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=key)
-    assert Registry(home=home).get_run(only_run(home)).last_step == 60
+    assert only_run(home).last_step == 60

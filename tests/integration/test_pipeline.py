@@ -1,25 +1,25 @@
 """Pipeline parallelism through the real launcher: two gloo processes, one stage each, checked against one process."""
 
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-import yaml
-from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from maas.demo.digits import mlp
 from maas.registry import Registry
 from maas.registry.entities import Run
-from maas.training import checkpoint
+from tests.integration import training_support
+from tests.integration.training_support import final_params
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 HIDDEN, DEPTH = 32, 2  # layers "0".."4": Linear, ReLU, Linear, ReLU, Linear
+
+
+def train(home: Path, cfg: dict[str, Any], *args: str, env: dict[str, str] | None = None) -> Run:
+    # One thread per process, the single-process reference included, so that every run sums in one order.
+    return training_support.train(home, cfg, *args, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def config(strategy: dict[str, object], **over: object) -> dict[str, object]:
@@ -32,7 +32,8 @@ def config(strategy: dict[str, object], **over: object) -> dict[str, object]:
         "batch_size": 64,
         "seed": 3,
         "deterministic": True,
-        "eval": {"metric": "tests.integration.test_pipeline:logit_energy"},
+        # Evaluated after step 2 as well: gathering the stages mid-run must not disturb training.
+        "eval": {"metric": "tests.integration.training_support:logit_energy", "every_steps": 2},
         "log_every": 2,
         "strategy": strategy,
     }
@@ -40,45 +41,11 @@ def config(strategy: dict[str, object], **over: object) -> dict[str, object]:
     return cfg
 
 
-def train(home: Path, cfg: dict[str, object], *args: str, env: dict[str, str] | None = None) -> Run:
-    path = home.with_name(f"{home.name}-{time.monotonic_ns()}.yaml")
-    path.write_text(yaml.safe_dump(cfg))
-    # One thread per process, as torchrun sets it: two processes on two cores otherwise spin against each other.
-    env = {**os.environ, "MAAS_HOME": str(home), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    proc = subprocess.run(
-        [sys.executable, "-m", "maas", "train", str(path), *args],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = Registry(home=home).list_runs()
-    assert len(runs) == 1 and runs[0].status == "succeeded", runs
-    return runs[0]
-
-
-def logit_energy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """An eval metric that every parameter of the evaluated model moves."""
-    return float(outputs.double().pow(2).mean())
-
-
-def final_params(home: Path, run: Run) -> dict[str, torch.Tensor]:
-    """The last checkpoint's model, read into one whole model (DCP merges the stages' keys)."""
-    found = checkpoint.latest(home / "runs" / run.id)
-    assert found is not None
-    model = mlp(HIDDEN, DEPTH)
-    model_sd, _ = get_state_dict(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    checkpoint.load(found[1], {"model": model_sd, "loop": {"step": torch.tensor(0)}})
-    return {k: v.clone() for k, v in model_sd.items()}
-
-
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str, torch.Tensor]]:
     home = tmp_path_factory.mktemp("single") / "home"
     run = train(home, config({"name": "single"}))
-    return run, final_params(home, run)
+    return run, final_params(home, run.id, HIDDEN, DEPTH)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +63,7 @@ def test_pipeline_on_two_processes_equals_single(
     home = tmp_path / "home"
     run = train(home, config(strategy, grad_accum=grad_accum), "--nproc-per-node", "2")
     want_run, want = single
-    got = final_params(home, run)
+    got = final_params(home, run.id, HIDDEN, DEPTH)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=0, msg=key)
@@ -107,27 +74,14 @@ def test_pipeline_on_two_processes_equals_single(
     assert run.eval_metrics is not None and want_run.eval_metrics is not None
     assert run.eval_metrics["final_loss"] == pytest.approx(want_run.eval_metrics["final_loss"], abs=1e-5)
     assert run.eval_metrics["logit_energy"] == pytest.approx(want_run.eval_metrics["logit_energy"], rel=1e-5)
-
-
-_calls = 0
-
-
-def crash_once(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """cross_entropy that kills its process at the 13th call (step 3 of 4 micro-batches per step), once."""
-    global _calls
-    _calls += 1
-    marker = Path(os.environ["MAAS_TEST_CRASH_MARKER"])
-    if _calls == 13 and not marker.exists():
-        marker.touch()
-        os._exit(1)
-    return torch.nn.functional.cross_entropy(output, target)
+    assert [e.step for e in Registry(home=home).run_evals(run.id)] == [2, 4]
 
 
 def test_killed_stage_resumes_to_the_same_parameters(tmp_path: Path) -> None:
     strategy = {"name": "pipeline", "schedule": "1f1b", "microbatches": 4}
     cfg = config(
         strategy,
-        loss="tests.integration.test_pipeline:crash_once",
+        loss="tests.integration.training_support:crash_once",
         optimizer={"name": "sgd", "lr": 0.1, "momentum": 0.9},  # optimizer state the checkpoint must carry
         checkpoint={"every_steps": 2, "keep": 2},
     )
@@ -135,28 +89,20 @@ def test_killed_stage_resumes_to_the_same_parameters(tmp_path: Path) -> None:
     env = {"MAAS_TEST_CRASH_MARKER": str(marker)}
     reference = tmp_path / "reference"
     marker.touch()  # the reference never crashes
-    want = final_params(reference, train(reference, cfg, "--nproc-per-node", "2", env=env))
+    want = final_params(reference, train(reference, cfg, "--nproc-per-node", "2", env=env).id, HIDDEN, DEPTH)
 
     marker.unlink()
     home = tmp_path / "crashed-home"
     run = train(home, cfg, "--nproc-per-node", "2", "--max-restarts", "1", env=env)
     assert marker.exists()  # the last stage died after the step-2 checkpoint; the agent restarted both ranks
-    got = final_params(home, run)
+    got = final_params(home, run.id, HIDDEN, DEPTH)
     for key in want:
         torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=key)
     assert run.last_step == 4
 
 
 def test_batch_that_does_not_split_into_microbatches_is_refused(tmp_path: Path) -> None:
-    cfg = config({"name": "pipeline", "microbatches": 5}, steps=1)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.run(
-        [sys.executable, "-m", "maas", "train", str(path), "--nproc-per-node", "2"],
-        env={**os.environ, "MAAS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = training_support.start(tmp_path / "home", config({"name": "pipeline", "microbatches": 5}, steps=1))
+    out, _ = proc.communicate(timeout=training_support.TIMEOUT)
     assert proc.returncode != 0
-    assert "does not split into strategy.microbatches 5" in proc.stdout + proc.stderr
+    assert "does not split into strategy.microbatches 5" in out

@@ -2,19 +2,24 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from maas.demo.digits import mlp
 from maas.registry import Registry
-from maas.training import checkpoint
+from tests.integration.training_support import (
+    assert_same_params,
+    final_params,
+    finished,
+    kill_a_worker_after_checkpoint,
+    only_run,
+    start,
+    train,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,109 +41,34 @@ def config(strategy: str, **over: object) -> dict[str, object]:
     return cfg
 
 
-def run_cli(home: Path, tmp: Path, cfg: dict[str, object], *args: str, **popen: object) -> subprocess.Popen[str]:
-    path = tmp / f"cfg-{time.monotonic_ns()}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "MAAS_HOME": str(home)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "maas", "train", str(path), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        **popen,  # type: ignore[call-overload]
-    )
-
-
-def final_params(home: Path, run_id: str, hidden: int = 32) -> dict[str, torch.Tensor]:
-    found = checkpoint.latest(home / "runs" / run_id)
-    assert found is not None
-    model = mlp(hidden)
-    optim = torch.optim.SGD(model.parameters(), lr=0.1)
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optim)
-    state = {"model": model_sd, "optim": optim_sd, "loop": {"step": torch.tensor(0)}}
-    checkpoint.load(found[1], {"model": state["model"], "loop": state["loop"]})
-    return {k: v.clone() for k, v in state["model"].items()}
-
-
-def finished(proc: subprocess.Popen[str], timeout: float = 240) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out
-    return out
-
-
-def only_run(home: Path) -> str:
-    runs = Registry(home=home).list_runs()
-    return runs[0].id
-
-
 def test_ddp_on_two_processes_equals_single(tmp_path: Path) -> None:
     a, b = tmp_path / "single", tmp_path / "ddp"
-    finished(run_cli(a, tmp_path, config("single")))
-    finished(run_cli(b, tmp_path, config("ddp", grad_accum=2), "--nproc-per-node", "2"))
-    single, ddp = final_params(a, only_run(a)), final_params(b, only_run(b))
-    assert single.keys() == ddp.keys()
-    for key in single:
-        torch.testing.assert_close(ddp[key], single[key], atol=1e-5, rtol=0)
+    single_run = train(a, config("single"))
+    ddp_run = train(b, config("ddp", grad_accum=2), "--nproc-per-node", "2")
+    single, ddp = final_params(a, single_run.id), final_params(b, ddp_run.id)
+    assert_same_params(ddp, single, atol=1e-5)
     assert not torch.equal(single["0.weight"], mlp(32).state_dict()["0.weight"])  # it did train
-    runs = {r.strategy: r for r in Registry(home=b).list_runs() + Registry(home=a).list_runs()}
-    assert runs["ddp"].world_size == 2 and runs["ddp"].status == "succeeded" and runs["ddp"].last_step == 50
-
-
-def _children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
-
-
-def _kill_a_worker_after_checkpoint(home: Path, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        runs_dir = home / "runs"
-        if runs_dir.exists() and any(checkpoint.latest(d) for d in runs_dir.iterdir()):
-            break
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.05)
-    # Workers are the agent's multiprocessing-spawned children (their command line runs spawn_main).
-    targets = [
-        p
-        for c in _children(proc.pid)
-        for p in [c, *_children(c)]
-        if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
-    ]
-    assert targets, "no worker process found"
-    os.kill(targets[-1], signal.SIGKILL)
+    assert ddp_run.world_size == 2 and ddp_run.last_step == 50
 
 
 @pytest.mark.parametrize("restarts", [1, 0])
 def test_sigkilled_worker_resumes_to_the_same_parameters(tmp_path: Path, restarts: int) -> None:
     cfg = config("ddp", steps=300, checkpoint={"every_steps": 60, "keep": 2}, log_every=10)
     reference = tmp_path / "reference"
-    finished(run_cli(reference, tmp_path, cfg, "--nproc-per-node", "2"))
-    want = final_params(reference, only_run(reference))
+    want = final_params(reference, train(reference, cfg, "--nproc-per-node", "2").id)
 
     home = tmp_path / f"killed-{restarts}"
-    proc = run_cli(home, tmp_path, cfg, "--nproc-per-node", "2", "--max-restarts", str(restarts))
-    _kill_a_worker_after_checkpoint(home, proc)
+    proc = start(home, cfg, "--nproc-per-node", "2", "--max-restarts", str(restarts))
+    kill_a_worker_after_checkpoint(home, proc)
     out, _ = proc.communicate(timeout=240)
-    run_id = only_run(home)
+    run_id = only_run(home).id
     if restarts:
         assert proc.returncode == 0, out  # the elastic agent restarted the workers, which resumed
     else:
         assert proc.returncode == 1 and "--resume" in out, out
         assert Registry(home=home).get_run(run_id).status == "failed"
-        resumed = subprocess.run(
-            [sys.executable, "-m", "maas", "train", "--resume", run_id[:8], "--nproc-per-node", "2"],
-            env={**os.environ, "MAAS_HOME": str(home)},
-            capture_output=True,
-            text=True,
-            timeout=240,
-        )
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    got = final_params(home, run_id)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0)
+        finished(start(home, None, "--resume", run_id[:8], "--nproc-per-node", "2"))
+    assert_same_params(final_params(home, run_id), want, atol=0)
     run = Registry(home=home).get_run(run_id)
     assert run.status == "succeeded" and run.last_step == 300
 
@@ -156,16 +86,21 @@ def test_published_run_is_served_with_its_recorded_accuracy(tmp_path: Path) -> N
         steps=200,
         optimizer={"name": "adamw", "lr": 0.003},
         publish={"name": "digits", "alias": "production", "head": "classifier", "input_names": ["pixels"]},
+        eval={"metric": "accuracy", "every_steps": 50},
     )
-    out = finished(run_cli(home, tmp_path, cfg, "--nproc-per-node", "2"))
+    out = finished(start(home, cfg, "--nproc-per-node", "2"))
     reg = Registry(home=home)
-    run = reg.list_runs()[0]
+    run = only_run(home)
     mv = reg.resolve("models:/digits@production")
     assert run.model_uri == mv.uri and mv.uri in out
     assert mv.lineage.source_run == run.id
     assert mv.lineage.extra["config_hash"] == run.config_hash
     assert mv.lineage.extra["dataset_fingerprint"].startswith("sha256:")
     assert mv.metrics["accuracy"] == run.eval_metrics["accuracy"] >= 0.9
+    evals = reg.run_evals(run.id)  # during training every 50 steps, and at the end
+    assert [e.step for e in evals] == [50, 100, 150, 200]
+    assert evals[-1].metrics == {"accuracy": run.eval_metrics["accuracy"]}
+    assert evals[0].metrics["accuracy"] < evals[-1].metrics["accuracy"]
     data = load_digits_split()
     with RemoteServer(home) as server:
         client = httpclient.InferenceServerClient(server.address)
@@ -184,3 +119,36 @@ def test_published_run_is_served_with_its_recorded_accuracy(tmp_path: Path) -> N
         ).stdout
     )
     assert shown["model_uri"] == mv.uri and len(shown["checkpoints"]) >= 1
+    assert [e["step"] for e in shown["evals"]] == [50, 100, 150, 200]
+
+
+def test_two_nodes_train_one_run_and_resume_together_after_a_kill(tmp_path: Path) -> None:
+    """Two `maas train` agents (two "machines", one process each) joined by a c10d rendezvous on loopback: one
+    job, one run record and one run folder (their MAAS_HOME shared, as a shared filesystem would give). A worker
+    SIGKILLed on one node: both agents restart their workers, which resume from the same checkpoint and end
+    with exactly the parameters of two processes on one node that never stopped."""
+    from maas.testing.server import free_port
+
+    cfg = config("ddp", steps=300, checkpoint={"every_steps": 60, "keep": 2}, log_every=10)
+    one_node = tmp_path / "one-node"
+    want = final_params(one_node, train(one_node, cfg, "--nproc-per-node", "2").id)
+
+    home = tmp_path / "shared"
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ("--nnodes", "2", "--rdzv-endpoint", endpoint, "--max-restarts", "1")
+    nodes = [start(home, cfg, *args, env={"OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    kill_a_worker_after_checkpoint(home, nodes[1])
+    outputs = [finished(node, timeout=400) for node in nodes]
+    run = only_run(home)  # the second node joined the record the first one made
+    assert all(run.id in out for out in outputs), outputs
+    assert "terminated with signal SIGKILL" in outputs[1], outputs[1]
+    assert run.status == "succeeded" and run.world_size == 2 and run.last_step == 300
+    assert run.eval_metrics["accuracy"] > 0.9
+    assert_same_params(final_params(home, run.id), want, atol=0)
+    folder = home / "runs" / run.id / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-00000240", "step-00000300"]  # none left partial
+
+    # The same job again at the same rendezvous is refused with the fix; a new --rdzv-id starts a new run.
+    again = start(home, cfg, "--nnodes", "2", "--rdzv-endpoint", endpoint)
+    out, _ = again.communicate(timeout=60)
+    assert again.returncode != 0 and "already succeeded" in out and "--rdzv-id" in out, out

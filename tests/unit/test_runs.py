@@ -85,6 +85,39 @@ def test_a_diverged_step_is_logged_as_nan(registry: Registry) -> None:
     assert math.isnan(registry.get_run(run.id).last_loss or 0.0)
 
 
+def test_evaluations_are_kept_per_step_and_replaced_on_resume(registry: Registry) -> None:
+    run = registry.create_run(CONFIG, strategy="ddp", world_size=2)
+    registry.log_run_eval(run.id, 20, {"accuracy": 0.5, "mse": float("nan")})
+    registry.log_run_eval(run.id, 10, {"accuracy": 0.25})
+    registry.log_run_eval(run.id, 20, {"accuracy": 0.75, "mse": 1.0})  # a resumed run evaluates step 20 again
+    evals = registry.run_evals(run.id[:8])
+    assert [(e.step, e.metrics) for e in evals] == [(10, {"accuracy": 0.25}), (20, {"accuracy": 0.75, "mse": 1.0})]
+    registry.log_run_eval(run.id, 30, {"loss": float("nan")})  # diverged: JSON has no NaN, it comes back as NaN
+    assert math.isnan(registry.run_evals(run.id)[-1].metrics["loss"])
+    assert evals[0].to_dict()["metrics"] == {"accuracy": 0.25}
+    with pytest.raises(InvalidInput, match="non-empty mapping"):
+        registry.log_run_eval(run.id, 40, {})
+    with pytest.raises(InvalidInput, match="must be a number"):
+        registry.log_run_eval(run.id, 40, {"accuracy": "high"})  # type: ignore[dict-item]
+    with pytest.raises(InvalidInput, match="integer >= 0"):
+        registry.log_run_eval(run.id, -1, {"accuracy": 0.5})
+    with pytest.raises(NotFound):
+        registry.log_run_eval("f" * 32, 1, {"accuracy": 0.5})
+
+
+def test_nodes_of_one_job_share_the_run_they_name(registry: Registry) -> None:
+    run_id = "a" * 32
+    first = registry.create_run(CONFIG, strategy="ddp", world_size=4, run_id=run_id)
+    registry.start_run(run_id)
+    joined = registry.create_run(dict(reversed(CONFIG.items())), strategy="ddp", world_size=4, run_id=run_id)
+    assert first.id == joined.id == run_id and joined.status == "running"
+    assert len(registry.list_runs()) == 1
+    with pytest.raises(Conflict, match="another config"):
+        registry.create_run({"other": 1}, strategy="ddp", world_size=4, run_id=run_id)
+    with pytest.raises(InvalidInput, match="32 lowercase hex"):
+        registry.create_run(CONFIG, strategy="ddp", world_size=4, run_id="../etc")
+
+
 def test_get_run_by_unique_prefix(registry: Registry) -> None:
     run = registry.create_run(CONFIG, strategy="ddp", world_size=1)
     assert registry.get_run(run.id[:6]).id == run.id
@@ -176,8 +209,10 @@ def test_a_0001_database_upgrades_to_runs(tmp_path: Path) -> None:
     engine.dispose()
 
     registry = Registry(url, home=tmp_path / "home")
-    assert registry.store.current_revision() == SCHEMA_HEAD == "0002_runs"
+    assert registry.store.current_revision() == SCHEMA_HEAD == "0003_run_evals"
     assert [m.name for m in registry.list_models()] == ["old"]
     run = registry.create_run(CONFIG, strategy="ddp", world_size=2)
     registry.log_run_steps(run.id, [(1, 1.0)])
     assert registry.list_runs()[0].last_step == 1
+    registry.log_run_eval(run.id, 1, {"accuracy": 0.5})
+    assert [e.metrics for e in registry.run_evals(run.id)] == [{"accuracy": 0.5}]

@@ -38,6 +38,8 @@ def with_(**over: object) -> dict[str, object]:
         (with_(optimizer={"lr": -1}), ["optimizer.lr", "greater than 0"]),
         (with_(publish={"name": "../x"}), ["publish.name", "invalid model name"]),
         (with_(precision="fp8"), ["precision", "'fp32' or 'bf16'"]),
+        (with_(eval={"every_steps": 0}), ["eval.every_steps", "greater than 0"]),
+        (with_(eval={"every": 10}), ["unknown key 'eval.every'", "every_steps"]),
         (
             with_(batch_size=24, strategy={"name": "hybrid", "dp": 2, "pp": 2, "microbatches": 8}),
             ["over strategy.dp 2 pipelines into strategy.microbatches 8", "multiple of dp x microbatches = 16"],

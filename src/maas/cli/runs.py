@@ -94,16 +94,18 @@ def show(
     steps: int = typer.Option(10, "--steps", help="Show this many of the last steps."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON, with every step."),
 ) -> None:
-    """Show a run: its config, step metrics, evaluation, checkpoints and the model it published."""
+    """Show a run: its config, step metrics, evaluations, checkpoints and the model it published."""
     reg = Registry()
     run = reg.get_run(run_id)
     all_steps = reg.run_steps(run.id)
+    evals = reg.run_evals(run.id)
     checkpoints = reg.run_checkpoints(run.id)
     if as_json:
         print_json(
             {
                 **run.to_dict(),
                 "steps": [s.to_dict() for s in all_steps],
+                "evals": [e.to_dict() for e in evals],
                 "checkpoints": [c.to_dict() for c in checkpoints],
             }
         )
@@ -136,6 +138,13 @@ def show(
         table = Table("step", "loss", "samples/s", "lr", "at")
         for s in shown:
             table.add_row(str(s.step), _num(s.loss), _num(s.samples_per_s), _num(s.lr), f"{s.at:%H:%M:%S}")
+        console.print(table)
+    if evals:
+        names = list(dict.fromkeys(k for e in evals for k in e.metrics))
+        console.print("\n[bold]evaluations[/]")
+        table = Table("step", *map(escape, names), "at")
+        for e in evals:
+            table.add_row(str(e.step), *(_num(e.metrics.get(n)) for n in names), f"{e.at:%H:%M:%S}")
         console.print(table)
     if checkpoints:
         console.print("\n[bold]checkpoints[/]")

@@ -13,6 +13,9 @@ def train(
     nnodes: int = typer.Option(1, "--nnodes", help="Machines taking part."),
     node_rank: int | None = typer.Option(None, "--node-rank", help="This machine's rank (static rendezvous)."),
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="HOST:PORT of the rendezvous."),
+    rdzv_id: str | None = typer.Option(
+        None, "--rdzv-id", help="The job's name, the same on every node (default: from the config's hash)."
+    ),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Restarts of failed workers before giving up."),
 ) -> None:
@@ -26,6 +29,7 @@ def train(
         nnodes=nnodes,
         node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint,
+        rdzv_id=rdzv_id,
         resume=resume,
         max_restarts=max_restarts,
     )

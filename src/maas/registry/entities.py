@@ -157,6 +157,18 @@ class RunStep:
 
 
 @dataclass(frozen=True)
+class RunEval:
+    """The evaluation metrics of the model as it stood after ``step`` (NaN where a metric diverged)."""
+
+    step: int
+    metrics: dict[str, float]
+    at: datetime = field(default_factory=_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "metrics": dict(self.metrics), "at": self.at.isoformat()}
+
+
+@dataclass(frozen=True)
 class RunCheckpoint:
     step: int
     path: str

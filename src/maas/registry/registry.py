@@ -19,6 +19,7 @@ from maas.registry.entities import (
     RegisteredModel,
     Run,
     RunCheckpoint,
+    RunEval,
     RunStep,
     ServingTarget,
     VerifyResult,
@@ -284,11 +285,18 @@ class Registry:
     # --- training runs -------------------------------------------------------------------------
 
     def create_run(
-        self, config: Mapping[str, object], *, strategy: str, world_size: int, name: str | None = None
+        self,
+        config: Mapping[str, object],
+        *,
+        strategy: str,
+        world_size: int,
+        name: str | None = None,
+        run_id: str | None = None,
     ) -> Run:
         """Record a new training run (status ``created``) with a fresh id; ``config`` must be plain JSON
-        values and is hashed as canonical JSON into ``config_hash``."""
-        return self.runs.create_run(config, strategy=strategy, world_size=world_size, name=name)
+        values and is hashed as canonical JSON into ``config_hash``. With ``run_id``, the run of that id,
+        created if absent (the nodes of a multi-node job share one; a different config is a ``Conflict``)."""
+        return self.runs.create_run(config, strategy=strategy, world_size=world_size, name=name, run_id=run_id)
 
     def start_run(self, run_id: str) -> Run:
         """Mark a run ``running``; a resumed run keeps its first ``started_at``. A succeeded run cannot restart."""
@@ -310,6 +318,10 @@ class Registry:
         """Record step metrics in one transaction; a step logged again (after a resume) replaces the old one."""
         return self.runs.log_run_steps(run_id, steps)
 
+    def log_run_eval(self, run_id: str, step: int, metrics: Mapping[str, float]) -> RunEval:
+        """Record the evaluation metrics after ``step`` (the same step again replaces them)."""
+        return self.runs.log_run_eval(run_id, step, metrics)
+
     def add_run_checkpoint(self, run_id: str, step: int, path: str | os.PathLike[str]) -> RunCheckpoint:
         return self.runs.add_run_checkpoint(run_id, step, path)
 
@@ -323,6 +335,9 @@ class Registry:
 
     def run_steps(self, run_id: str) -> list[RunStep]:
         return self.runs.run_steps(run_id)
+
+    def run_evals(self, run_id: str) -> list[RunEval]:
+        return self.runs.run_evals(run_id)
 
     def run_checkpoints(self, run_id: str) -> list[RunCheckpoint]:
         return self.runs.run_checkpoints(run_id)

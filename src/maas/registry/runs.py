@@ -21,8 +21,8 @@ from sqlalchemy import and_, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from maas.errors import Conflict, InvalidInput, NotFound
-from maas.registry.entities import RUN_END_STATUSES, RUN_STATUSES, Run, RunCheckpoint, RunStep
-from maas.registry.schema import RunCheckpointRow, RunRow, RunStepRow
+from maas.registry.entities import RUN_END_STATUSES, RUN_STATUSES, Run, RunCheckpoint, RunEval, RunStep
+from maas.registry.schema import RunCheckpointRow, RunEvalRow, RunRow, RunStepRow
 from maas.registry.store import SqlStore, _now, _utc
 from maas.registry.uri import parse_ref
 
@@ -180,8 +180,23 @@ class RunStore:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def create_run(self, config: Mapping[str, Any], *, strategy: str, world_size: int, name: str | None = None) -> Run:
-        """Record a new run in status ``created``; its id is a fresh uuid4 in hex."""
+    def create_run(
+        self,
+        config: Mapping[str, Any],
+        *,
+        strategy: str,
+        world_size: int,
+        name: str | None = None,
+        run_id: str | None = None,
+    ) -> Run:
+        """Record a new run in status ``created``; its id is a fresh uuid4 in hex.
+
+        With ``run_id`` (32 hex digits), the run of that id: created if absent, else returned as it is if it
+        has the same config (``Conflict`` if not). The nodes of a multi-node job each call this with the id
+        they all derive, so with a shared database they share one record and a node may come first.
+        """
+        if run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", str(run_id)):
+            raise InvalidInput(f"a run id is 32 lowercase hex digits, got {run_id!r}")
         if not isinstance(config, Mapping):
             raise InvalidInput(f"a run's config must be a mapping, got {type(config).__name__}")
         if not isinstance(strategy, str) or not 1 <= len(strategy) <= 64:
@@ -191,16 +206,24 @@ class RunStore:
         if name is not None and len(name) > 128:
             raise InvalidInput(f"a run name has at most 128 characters, got {len(name)}")
         canonical = _canonical(config)
+        digest = hashlib.sha256(canonical.encode()).hexdigest()
 
         def tx(s: Session) -> Run:
+            if run_id is not None and (existing := s.get(RunRow, run_id)) is not None:
+                if existing.config_hash != digest:
+                    raise Conflict(
+                        f"run {run_id[:12]} already exists with another config; every node of a job must be "
+                        "given the same config (or give this job its own --rdzv-id)"
+                    )
+                return self._run(s, existing)
             row = RunRow(
-                id=uuid.uuid4().hex,
+                id=run_id or uuid.uuid4().hex,
                 name=name,
                 status="created",
                 strategy=strategy,
                 world_size=size,
                 config=json.loads(canonical),  # stored as hashed: tuples become lists, as JSON has them
-                config_hash=hashlib.sha256(canonical.encode()).hexdigest(),
+                config_hash=digest,
                 eval_metrics={},
                 created_at=_now(),
             )
@@ -288,6 +311,22 @@ class RunStore:
 
         return self.store._write(tx)
 
+    def log_run_eval(self, run_id: str, step: int, metrics: Mapping[str, float]) -> RunEval:
+        """Record the evaluation after ``step``; an evaluation at the same step again (a resumed run) replaces it."""
+        step = _int(step, "an evaluation's step", 0)
+        if not isinstance(metrics, Mapping) or not metrics:
+            raise InvalidInput(f"an evaluation needs a non-empty mapping of metric name to number, got {metrics!r}")
+        values = {str(k): _float(v, f"eval metric {k!r}") for k, v in metrics.items()}
+        now = _now()
+
+        def tx(s: Session) -> RunEval:
+            rid = self._run_row(s, run_id).id
+            s.execute(delete(RunEvalRow).where(RunEvalRow.run_id == rid, RunEvalRow.step == step))
+            s.add(RunEvalRow(run_id=rid, step=step, metrics={k: _null_nan(v) for k, v in values.items()}, at=now))
+            return RunEval(step=step, metrics=values, at=now)
+
+        return self.store._write(tx)
+
     def add_run_checkpoint(self, run_id: str, step: int, path: str | os.PathLike[str]) -> RunCheckpoint:
         """Record a checkpoint saved at ``step``; one saved again at the same step replaces it."""
         step = _int(step, "a checkpoint's step", 0)
@@ -342,6 +381,23 @@ class RunStore:
                     loss=math.nan if r.loss is None else r.loss,
                     samples_per_s=r.samples_per_s,
                     lr=r.lr,
+                    at=_utc(r.at),
+                )
+                for r in rows
+            ]
+
+        return self.store._read(tx)
+
+    def run_evals(self, run_id: str) -> list[RunEval]:
+        """Every evaluation of a run, in step order."""
+
+        def tx(s: Session) -> list[RunEval]:
+            rid = self._run_row(s, run_id).id
+            rows = s.scalars(select(RunEvalRow).where(RunEvalRow.run_id == rid).order_by(RunEvalRow.step))
+            return [
+                RunEval(
+                    step=r.step,
+                    metrics={k: math.nan if v is None else float(v) for k, v in (r.metrics or {}).items()},
                     at=_utc(r.at),
                 )
                 for r in rows

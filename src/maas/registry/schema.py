@@ -104,6 +104,18 @@ class RunStepRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
+class RunEvalRow(Base):
+    __tablename__ = "run_evals"
+    __table_args__ = (UniqueConstraint("run_id", "step", name="uq_run_evals_run_step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), nullable=False)
+    step: Mapped[int] = mapped_column(Integer, nullable=False)
+    # JSON null stands for NaN (JSON has no NaN).
+    metrics: Mapped[dict[str, float | None]] = mapped_column(JSON, nullable=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
 class RunCheckpointRow(Base):
     __tablename__ = "run_checkpoints"
     __table_args__ = (UniqueConstraint("run_id", "step", name="uq_run_checkpoints_run_step"),)

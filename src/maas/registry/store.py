@@ -29,7 +29,7 @@ from maas.tensors import Signature
 log = logging.getLogger(__name__)
 
 #: The newest Alembic revision; a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0002_runs"
+SCHEMA_HEAD = "0003_run_evals"
 
 T = TypeVar("T")
 

@@ -60,6 +60,7 @@ __all__ = [
     "SafeFileSystemReader",
     "SafeFileSystemWriter",
     "SafeLoadPlanner",
+    "agreed_latest",
     "latest",
     "load",
     "rng_state",
@@ -448,6 +449,11 @@ def save(
     # The broadcast is the barrier: every rank has returned from dcp.save before rank 0 publishes, and none
     # returns before the checkpoint is visible.
     _rank0_then_all(distributed, rank, publish, process_group)
+    if rank != 0 and partial.is_dir() and not final.is_dir():
+        # Rank 0 renamed its own `partial`, not this one: this rank's run folder is on another filesystem
+        # (a node of a multi-node run without shared storage). What it wrote here can never be resumed from.
+        _warn_not_shared(rank, final)
+        shutil.rmtree(partial, ignore_errors=True)
     logger.info("saved checkpoint step %d to %s", step, final)
     if rank == 0:
         try:
@@ -461,6 +467,52 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
     """The highest complete checkpoint as ``(step, path)``, or ``None``; unfinished folders are ignored."""
     found = _complete(Path(run_dir) / CHECKPOINTS_DIR)
     return found[-1] if found else None
+
+
+_SHARED_HINT = (
+    "a run's checkpoints live in MAAS_HOME/runs/RUN_ID, and every rank must see the same folder: on several "
+    "machines, put MAAS_HOME on a filesystem they all share (NFS, a cluster filesystem)"
+)
+_warned_not_shared = False
+
+
+def _warn_not_shared(rank: int, final: Path) -> None:
+    global _warned_not_shared
+    if not _warned_not_shared:
+        _warned_not_shared = True
+        logger.warning(
+            "rank %d does not see checkpoint %s that rank 0 wrote, so this run cannot resume after a failure; %s",
+            rank,
+            final,
+            _SHARED_HINT,
+        )
+
+
+def agreed_latest(run_dir: Path, *, process_group: dist.ProcessGroup | None = None) -> tuple[int, Path] | None:
+    """The checkpoint every rank of ``process_group`` resumes from: rank 0's :func:`latest`; collective.
+
+    Every rank must see it (one filesystem); if one does not, every rank raises the same error rather than
+    some loading and the others waiting for them.
+    """
+    distributed, rank, world_size = _dist(process_group)
+    found = latest(run_dir)
+    if not distributed:
+        return found
+    # Sent as step + 1: 0 is "none", and -1 is how _rank0_then_all reports a failure.
+    step = _rank0_then_all(distributed, rank, lambda: found[0] + 1 if found else 0, process_group) - 1
+    if step < 0:
+        return None
+    path = Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(process_group) == "nccl" else None
+    missing = torch.zeros(world_size, dtype=torch.int64, device=device)
+    missing[rank] = int(_marker(path) is None)
+    dist.all_reduce(missing, group=process_group)
+    blind = [r for r, m in enumerate(missing.tolist()) if m]
+    if blind:
+        raise NotFound(
+            f"rank 0 resumes from checkpoint step {step}, which rank(s) {blind} cannot see at {path}; {_SHARED_HINT}"
+        )
+    return step, path
 
 
 def load(path: Path, state: dict[str, Any], *, process_group: dist.ProcessGroup | None = None) -> None:

@@ -66,7 +66,8 @@ class ScheduleConfig(_Strict):
 
 class EvalConfig(_Strict):
     metric: str = "accuracy"  # accuracy, mse, or an import path fn(outputs, targets) -> float
-    batch_size: PositiveInt = 512  # evaluated once, at the end, on the reporting rank
+    batch_size: PositiveInt = 512  # evaluated on the reporting rank, over the whole data.eval set
+    every_steps: PositiveInt | None = None  # also evaluate during training; always at the end
 
     @field_validator("metric")
     @classmethod

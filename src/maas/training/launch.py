@@ -43,12 +43,19 @@ def train(
     nnodes: int = 1,
     node_rank: int | None = None,
     rdzv_endpoint: str | None = None,
+    rdzv_id: str | None = None,
     resume: str | None = None,
     max_restarts: int = 0,
     registry: Registry | None = None,
 ) -> Run:
     """Run a training job to its end and return its record. ``resume`` continues a run (by id or unique
-    prefix) from its last complete checkpoint, with the config it was started with."""
+    prefix) from its last complete checkpoint, with the config it was started with.
+
+    On several nodes every node runs this with the same config, ``nnodes`` and ``rdzv_endpoint``; they all
+    derive one run id from the endpoint and ``rdzv_id`` (default: the config's hash), so they share one run
+    folder (``MAAS_HOME`` on a shared filesystem) and, with a shared database, one record. A node that finds
+    the run already recorded joins it; a job that already succeeded needs a new ``rdzv_id`` to train again.
+    """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -76,19 +83,30 @@ def train(
             raise InvalidInput("give a config file, or --resume RUN_ID")
         cfg = _config(config)
         check(cfg, world_size)
-        run = registry.create_run(cfg.to_json(), strategy=cfg.strategy.name, world_size=world_size, name=cfg.name)
+        job_id = None
+        if nnodes > 1:
+            job = f"{rdzv_endpoint}|{rdzv_id or cfg.config_hash()}"
+            job_id = hashlib.sha256(job.encode()).hexdigest()[:32]
+        run = registry.create_run(
+            cfg.to_json(), strategy=cfg.strategy.name, world_size=world_size, name=cfg.name, run_id=job_id
+        )
+        if run.status == "succeeded":
+            raise InvalidInput(
+                f"this job (run {run.id}) already succeeded; to train again, give every node the same new --rdzv-id"
+            )
+        if job_id is not None and run.status != "created":
+            log.warning("joining run %s (%s), recorded by another node or an earlier try", run.id, run.status)
     if resume is not None:
         check(cfg, world_size)
 
     run_dir = registry.home / "runs" / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.start_run(run.id)
-    rdzv_id = run.id if nnodes == 1 else hashlib.sha256(f"{rdzv_endpoint}|{cfg.config_hash()}".encode()).hexdigest()
     launch_config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
         nproc_per_node=nproc_per_node,
-        run_id=rdzv_id[:32],
+        run_id=run.id,  # the same on every node: a fresh run's id is derived from the job there
         # c10d assigns node ranks itself; a fixed --node-rank asks for torchrun's static rendezvous instead.
         rdzv_backend="c10d" if node_rank is None else "static",
         rdzv_endpoint=rdzv_endpoint or "localhost:0",

@@ -49,10 +49,11 @@ class Reporter:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s  lr {task.fields[lr]:.2e}"),
+            TextColumn("{task.fields[eval]}"),
             TimeRemainingColumn(),
             refresh_per_second=4,  # each redraw holds the GIL for a moment the training step waits on
         )
-        self.task = self.progress.add_task("train", total=self.total, loss=float("nan"), sps=0.0, lr=0.0)
+        self.task = self.progress.add_task("train", total=self.total, loss=float("nan"), sps=0.0, lr=0.0, eval="")
         self.progress.start()
         return self
 
@@ -66,6 +67,12 @@ class Reporter:
         if self.registry is not None and self.pending:
             self.registry.log_run_steps(self.ctx.run_id, self.pending)
         self.pending = []
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.progress.update(self.task, eval=f"eval@{step}: {shown}")
+        if self.registry is not None:
+            self.registry.log_run_eval(self.ctx.run_id, step, metrics)
 
     def checkpoint(self, step: int, path: Any) -> None:
         self.flush()
@@ -152,7 +159,7 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
     factor = lr_factor(cfg.schedule, cfg.optimizer.lr, total)
 
     step = saved = 0
-    found = checkpoint.latest(ctx.run_dir)
+    found = checkpoint.agreed_latest(ctx.run_dir, process_group=strategy.process_group)
     if found is not None:
         state = _state(strategy, 0)
         checkpoint.load(found[1], state, process_group=strategy.process_group)
@@ -163,6 +170,23 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
 
     def penalty(module: nn.Module) -> torch.Tensor | None:
         return regularization(cfg.regularization, module)
+
+    eval_set: Any = None
+
+    def evaluation(at: int, rep: Reporter | None, model: nn.Module | None) -> dict[str, float]:
+        """The eval metrics of ``model``, the whole model after step ``at`` that :meth:`Strategy.full_model`
+        gives the reporting rank; {} on the other ranks (where it is None)."""
+        nonlocal eval_set
+        if model is None or not cfg.data.eval or not cfg.eval:
+            return {}
+        if eval_set is None:
+            eval_set = resolve(cfg.data.eval, "data.eval")(**cfg.data.kwargs)
+        metrics = evaluate(model, eval_set, cfg, ctx.device)
+        if rep is not None:
+            rep.evaluation(at, metrics)
+        return metrics
+
+    every_eval = cfg.eval.every_steps if cfg.eval and cfg.data.eval else None
 
     def save(at: int, rep: Reporter | None) -> int:
         """A complete checkpoint of every trainer rank at step ``at`` (collective)."""
@@ -197,19 +221,20 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
                         rep.step(step, loss_value, cfg.batch_size * window_steps / max(elapsed, 1e-9), lr)
                     window_start, window_steps = time.perf_counter(), 0
                     running.zero_()
+                if every_eval and step % every_eval == 0 and step < total:
+                    paused = time.perf_counter()
+                    evaluation(step, rep, strategy.full_model())  # collective: stages or shards are gathered
+                    window_start += time.perf_counter() - paused  # samples/s counts training time only
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and step < total:
                     saved = save(step, rep)
                 if step >= total:
                     break
         if saved != step or found is None:
             save(step, rep)
+        model = strategy.full_model()
+        metrics = evaluation(step, rep, model)
 
-    model = strategy.full_model()
     strategy.finish()
-    metrics: dict[str, float] = {}
-    if model is not None and cfg.data.eval and cfg.eval:
-        eval_set = resolve(cfg.data.eval, "data.eval")(**cfg.data.kwargs)
-        metrics = evaluate(model, eval_set, cfg, ctx.device)
     if loss_value is not None:
         metrics.setdefault("final_loss", loss_value)
     return LoopResult(model=model, steps=step, eval_metrics=metrics, final_loss=loss_value)
