@@ -235,6 +235,7 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
         metrics = evaluation(step, rep, model)
 
     strategy.finish()
+    metrics = dict(metrics)  # a copy: the reporter recorded the evaluation as it was
     if loss_value is not None:
         metrics.setdefault("final_loss", loss_value)
     return LoopResult(model=model, steps=step, eval_metrics=metrics, final_loss=loss_value)
