@@ -5,7 +5,7 @@ process. Each strategy runs through the real launcher (torchrun's elastic agent,
 are measured the same way: samples/s over windows of ``LOG_EVERY`` steps, the first window (warm-up) left
 out. The paths run interleaved, ``REPEATS`` rounds of each in turn, so a neighbour's load on a shared machine
 falls on all of them rather than on one; a path's ratio is the median over runs of its median window
-against the hand-written loop's run just before it (paired), its samples/s the median of all its windows.
+against the round's latest hand-written run (paired), its samples/s the median of all its windows.
 ``single`` is the path with a target (>= 0.95 of the hand-written loop), so each round pairs it with the
 hand-written loop ``SINGLE_PAIRS`` times: the noise of a shared 2-core machine (a run can lose a third of
 its speed to a neighbour) needs more pairs than the other paths to give a stable median. A second ratio
@@ -204,7 +204,7 @@ def run(console: Console) -> None:
                 "samples_per_s": statistics.median(windows[name]),
                 "p10": q[0],
                 "p90": q[-1],
-                # Paired: each run's ratio to the hand-written loop measured just before it, then the median.
+                # Paired: each run's ratio to the round's latest hand-written run, then the median.
                 "ratio": statistics.median(ratios[name]),
                 "ratios": ratios[name],
                 # The same with each run's fast windows (its 90th percentile): a neighbour only ever slows a
@@ -258,8 +258,8 @@ def run(console: Console) -> None:
         f"{machine['timestamp']}: MLP 64-{HIDDEN}x{DEPTH}-10, AdamW, global batch {BATCH}, {STEPS} timed steps, "
         f"{REPEATS} interleaved rounds ({SINGLE_PAIRS} pairs of hand-written and single per round); samples/s is the "
         f"median over windows of {LOG_EVERY} steps; a ratio is the median over runs of each run's ratio to the "
-        "hand-written loop run just before it, of their median windows, and of their fast windows (each run's "
-        "90th percentile of windows: a neighbour only slows a window down).\n\n"
+        "round's latest hand-written run (for single, the one just before it), of their median windows, and of "
+        "their fast windows (each run's 90th percentile of windows: a neighbour only slows a window down).\n\n"
         + report.markdown_table(list(columns), cells)
         + f"\n\n`single` and the hand-written loop run at the same time, one core (thread) each, {SIMULTANEOUS_ROUNDS} "
         f"runs: the median over {len(together)} windows of single's samples/s over the hand-written loop's in the "

@@ -46,6 +46,11 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         _str("MAAS_DATABASE_URL", None),
         "SQLAlchemy URL of the metadata store (e.g. postgresql+psycopg://…); default sqlite:///$MAAS_HOME/maas.db.",
     ),
+    "MAAS_RUNS_DIR": (
+        _str("MAAS_RUNS_DIR", None),
+        "Where training runs keep their folders (checkpoints, exports); default $MAAS_HOME/runs. On several "
+        "machines: one folder on a filesystem they all share, with MAAS_HOME (and its SQLite database) local.",
+    ),
     "MAAS_DB_BUSY_TIMEOUT_S": (
         _num("MAAS_DB_BUSY_TIMEOUT_S", 60.0),
         "How long a SQLite writer waits for the database lock before giving up.",

@@ -49,7 +49,8 @@ def hybrid(**over: object) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Run, dict[str, torch.Tensor]]:
     home = tmp_path_factory.mktemp("single") / "home"
-    run = train(home, config({"name": "single"}))
+    # Evaluated only at the end: the runs compared with it evaluate mid-run as well, which must change nothing.
+    run = train(home, config({"name": "single"}, eval={"metric": "tests.integration.training_support:logit_energy"}))
     return run, final_params(home, run.id, HIDDEN, DEPTH)
 
 

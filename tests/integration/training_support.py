@@ -70,10 +70,12 @@ def train(home: Path, cfg: dict[str, Any] | None, *args: str, env: dict[str, str
     return run
 
 
-def final_params(home: Path, run_id: str, hidden: int = 32, depth: int = 1) -> dict[str, torch.Tensor]:
-    """The model in the run's last complete checkpoint, read into one whole digits MLP (DCP merges the keys
-    that pipeline stages hold)."""
-    found = checkpoint.latest(home / "runs" / run_id)
+def final_params(
+    home: Path, run_id: str, hidden: int = 32, depth: int = 1, runs: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The model in the run's last complete checkpoint (under ``runs``, default ``home/runs``), read into one
+    whole digits MLP (DCP merges the keys that pipeline stages hold)."""
+    found = checkpoint.latest((runs or home / "runs") / run_id)
     assert found is not None, f"run {run_id} has no complete checkpoint"
     model = mlp(hidden, depth)
     model_sd, _ = get_state_dict(model, torch.optim.SGD(model.parameters(), lr=0.1))
@@ -112,11 +114,12 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
-def kill_a_worker_after_checkpoint(home: Path, proc: subprocess.Popen[str]) -> None:
-    """SIGKILL one of ``proc``'s worker processes once the run has a complete checkpoint."""
+def kill_a_worker_after_checkpoint(home: Path, proc: subprocess.Popen[str], runs: Path | None = None) -> None:
+    """SIGKILL one of ``proc``'s worker processes once the run has a complete checkpoint (under ``runs``,
+    default ``home/runs``)."""
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
-        runs_dir = home / "runs"
+        runs_dir = runs or home / "runs"
         if runs_dir.exists() and any(checkpoint.latest(d) for d in runs_dir.iterdir()):
             break
         assert proc.poll() is None, proc.communicate()[0]

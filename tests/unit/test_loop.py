@@ -17,7 +17,7 @@ def recording_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return torch.nn.functional.cross_entropy(outputs.float(), targets)
 
 
-class Registry:
+class MemoryRegistry:
     """What the loop's reporter writes, kept in memory."""
 
     def __init__(self) -> None:
@@ -46,7 +46,7 @@ def test_bf16_autocast_trains_digits_and_evaluates_during_training(tmp_path: Pat
             "eval": {"metric": "accuracy", "every_steps": 50},
         }
     )
-    registry = Registry()
+    registry = MemoryRegistry()
     seen_dtypes.clear()
     result = train_loop(cfg, WorkerContext(0, 1, 0, torch.device("cpu"), "r" * 32, tmp_path), registry)
     assert set(seen_dtypes) == {torch.bfloat16} and len(seen_dtypes) == 150  # every step ran under autocast

@@ -105,6 +105,18 @@ def test_evaluations_are_kept_per_step_and_replaced_on_resume(registry: Registry
         registry.log_run_eval("f" * 32, 1, {"accuracy": 0.5})
 
 
+def test_a_succeeded_run_stays_succeeded_and_non_finite_metrics_read_back_as_nan(registry: Registry) -> None:
+    run = registry.create_run(CONFIG, strategy="ddp", world_size=4)
+    registry.start_run(run.id)
+    done = registry.finish_run(run.id, status="succeeded", eval_metrics={"mse": float("inf"), "acc": 0.5})
+    assert math.isnan(done.eval_metrics["mse"]) and done.eval_metrics["acc"] == 0.5
+    # Another node of the job failing afterwards does not undo the result.
+    late = registry.finish_run(run.id, status="failed", error="rendezvous closed", eval_metrics={"acc": 0.0})
+    assert (late.status, late.error, late.eval_metrics["acc"]) == ("succeeded", None, 0.5)
+    registry.log_run_eval(run.id, 4, {"mse": float("-inf")})
+    assert math.isnan(registry.run_evals(run.id)[0].metrics["mse"])
+
+
 def test_nodes_of_one_job_share_the_run_they_name(registry: Registry) -> None:
     run_id = "a" * 32
     first = registry.create_run(CONFIG, strategy="ddp", world_size=4, run_id=run_id)

@@ -40,6 +40,7 @@ def with_(**over: object) -> dict[str, object]:
         (with_(precision="fp8"), ["precision", "'fp32' or 'bf16'"]),
         (with_(eval={"every_steps": 0}), ["eval.every_steps", "greater than 0"]),
         (with_(eval={"every": 10}), ["unknown key 'eval.every'", "every_steps"]),
+        (with_(eval={"every_steps": 10}), ["eval.every_steps evaluates on data.eval", "give data.eval"]),
         (
             with_(batch_size=24, strategy={"name": "hybrid", "dp": 2, "pp": 2, "microbatches": 8}),
             ["over strategy.dp 2 pipelines into strategy.microbatches 8", "multiple of dp x microbatches = 16"],
@@ -84,6 +85,29 @@ def test_example_configs_are_valid(path: Path) -> None:
     cfg = load_config(path)
     match = re.search(r"--nproc-per-node (\d+)", path.read_text())
     check(cfg, int(match.group(1)) if match else 1)
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        ({"rdzv_id": "job-1"}, ["--rdzv-id names a new job on several nodes", "--nnodes > 1"]),
+        ({"nnodes": 2}, ["needs --rdzv-endpoint HOST:PORT"]),
+        ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, ["--node-rank 2 is outside 0..1"]),
+        ({"nproc_per_node": 0}, ["at least 1"]),
+    ],
+)
+def test_bad_launch_arguments_are_refused_before_a_run_is_recorded(
+    tmp_path: Path, args: dict[str, object], words: list[str]
+) -> None:
+    from maas.registry import Registry
+    from maas.training.launch import train
+
+    registry = Registry(home=tmp_path)
+    with pytest.raises(InvalidInput) as info:
+        train(with_(), registry=registry, **args)  # type: ignore[arg-type]
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert registry.list_runs() == []
 
 
 def test_yaml_errors_are_reported(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any, NoReturn
 
@@ -13,9 +14,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _finite(data: Any) -> Any:
+    if isinstance(data, float) and not math.isfinite(data):
+        return None  # JSON has no NaN or infinity: a diverged value is null
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_finite(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """Write JSON to stdout with no Rich markup or wrapping, for piping into other tools."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    """Write JSON to stdout with no Rich markup or wrapping, for piping into other tools (NaN as null)."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, sort_keys=False, default=str, allow_nan=False) + "\n")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:

@@ -76,8 +76,17 @@ def _float(value: Any, what: str) -> float:
 
 
 def _null_nan(value: float | None) -> float | None:
-    """NaN as NULL, which SQLite would store for it anyway."""
-    return None if value is None or math.isnan(value) else value
+    """NaN (and, for a JSON column, infinity) as NULL: SQLite stores NULL for NaN anyway, and JSON has neither
+    (PostgreSQL refuses them). Read back as NaN: the value diverged."""
+    return None if value is None or not math.isfinite(value) else value
+
+
+def _metrics_in(metrics: Mapping[str, float]) -> dict[str, float | None]:
+    return {k: _null_nan(v) for k, v in metrics.items()}
+
+
+def _metrics_out(metrics: Mapping[str, float | None] | None) -> dict[str, float]:
+    return {k: math.nan if v is None else float(v) for k, v in (metrics or {}).items()}
 
 
 def _to_step(item: StepLike) -> RunStep:
@@ -119,7 +128,7 @@ def _to_run(row: RunRow, last_step: int | None = None, last_loss: float | None =
         created_at=_utc(row.created_at),
         started_at=_utc(row.started_at) if row.started_at else None,
         ended_at=_utc(row.ended_at) if row.ended_at else None,
-        eval_metrics=dict(row.eval_metrics or {}),
+        eval_metrics=_metrics_out(row.eval_metrics),
         error=row.error,
         model_uri=row.model_uri,
         last_step=last_step,
@@ -257,7 +266,7 @@ class RunStore:
         model_uri: str | None = None,
     ) -> Run:
         """End a run with ``status`` (succeeded, failed or interrupted); ``eval_metrics`` merge into
-        the ones it has."""
+        the ones it has. A run that succeeded stays so (the nodes of a multi-node job each end it)."""
         _check_status(status, RUN_END_STATUSES)
         if model_uri is not None:
             ref = parse_ref(model_uri)
@@ -268,11 +277,14 @@ class RunStore:
 
         def tx(s: Session) -> Run:
             row = self._run_row(s, run_id)
+            if row.status == "succeeded" and status != "succeeded":
+                # Another node of a multi-node job ending badly after the job succeeded: the result stands.
+                return self._run(s, row)
             row.status = status
             row.ended_at = _now()
             row.error = error
             if metrics:
-                row.eval_metrics = {**(row.eval_metrics or {}), **metrics}
+                row.eval_metrics = {**(row.eval_metrics or {}), **_metrics_in(metrics)}
             if model_uri is not None:
                 row.model_uri = model_uri
             return self._run(s, row)
@@ -322,7 +334,7 @@ class RunStore:
         def tx(s: Session) -> RunEval:
             rid = self._run_row(s, run_id).id
             s.execute(delete(RunEvalRow).where(RunEvalRow.run_id == rid, RunEvalRow.step == step))
-            s.add(RunEvalRow(run_id=rid, step=step, metrics={k: _null_nan(v) for k, v in values.items()}, at=now))
+            s.add(RunEvalRow(run_id=rid, step=step, metrics=_metrics_in(values), at=now))
             return RunEval(step=step, metrics=values, at=now)
 
         return self.store._write(tx)
@@ -397,7 +409,7 @@ class RunStore:
             return [
                 RunEval(
                     step=r.step,
-                    metrics={k: math.nan if v is None else float(v) for k, v in (r.metrics or {}).items()},
+                    metrics=_metrics_out(r.metrics),
                     at=_utc(r.at),
                 )
                 for r in rows

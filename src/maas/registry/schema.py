@@ -82,7 +82,7 @@ class RunRow(Base):
     world_size: Mapped[int] = mapped_column(Integer, nullable=False)
     config: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     config_hash: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
-    eval_metrics: Mapped[dict[str, float]] = mapped_column(JSON, default=dict, nullable=False)
+    eval_metrics: Mapped[dict[str, float | None]] = mapped_column(JSON, default=dict, nullable=False)  # null: NaN
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_uri: Mapped[str | None] = mapped_column(String(256), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, index=True)

@@ -338,7 +338,13 @@ def _dcp_call(distributed: bool, rank: int) -> Iterator[None]:
             raise RuntimeError(f"checkpoint failed on rank(s) {sorted(exc.failures)}: {exc}") from exc
 
 
-def _rank0_then_all(distributed: bool, rank: int, fn: Callable[[], int], group: dist.ProcessGroup | None = None) -> int:
+def _rank0_then_all(
+    distributed: bool,
+    rank: int,
+    fn: Callable[[], int],
+    group: dist.ProcessGroup | None = None,
+    doing: str = "writing the checkpoint",
+) -> int:
     """Run ``fn() -> int`` on rank 0 (of ``group``) and hand its result (or failure) to every rank; also a barrier."""
     code, error = 0, None
     if rank == 0:
@@ -354,7 +360,7 @@ def _rank0_then_all(distributed: bool, rank: int, fn: Callable[[], int], group: 
     if error is not None:
         raise error
     if code == -1:
-        raise RuntimeError("rank 0 failed while writing the checkpoint; see rank 0's log")
+        raise RuntimeError(f"rank 0 failed while {doing}; see rank 0's log")
     return code
 
 
@@ -470,8 +476,9 @@ def latest(run_dir: Path) -> tuple[int, Path] | None:
 
 
 _SHARED_HINT = (
-    "a run's checkpoints live in MAAS_HOME/runs/RUN_ID, and every rank must see the same folder: on several "
-    "machines, put MAAS_HOME on a filesystem they all share (NFS, a cluster filesystem)"
+    "a run's checkpoints live in MAAS_RUNS_DIR/RUN_ID (default MAAS_HOME/runs/RUN_ID), and every rank must see "
+    "the same folder: on several machines, set MAAS_RUNS_DIR on each to one folder on a filesystem they all share "
+    "(NFS, a cluster filesystem)"
 )
 _warned_not_shared = False
 
@@ -498,8 +505,11 @@ def agreed_latest(run_dir: Path, *, process_group: dist.ProcessGroup | None = No
     found = latest(run_dir)
     if not distributed:
         return found
-    # Sent as step + 1: 0 is "none", and -1 is how _rank0_then_all reports a failure.
-    step = _rank0_then_all(distributed, rank, lambda: found[0] + 1 if found else 0, process_group) - 1
+
+    def choose() -> int:  # sent as step + 1: 0 is "none", and -1 is how _rank0_then_all reports a failure
+        return found[0] + 1 if found else 0
+
+    step = _rank0_then_all(distributed, rank, choose, process_group, "choosing the checkpoint to resume from") - 1
     if step < 0:
         return None
     path = Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:08d}"

@@ -223,6 +223,11 @@ class TrainConfig(_Strict):
             raise ValueError("give exactly one of steps or epochs")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        if self.eval is not None and self.eval.every_steps and self.data.eval is None:
+            raise ValueError(
+                "eval.every_steps evaluates on data.eval, which is not set; give data.eval (an import path "
+                "returning the evaluation dataset) or drop eval.every_steps"
+            )
         if isinstance(self.strategy, PipelineStrategy) and self.batch_size % self.strategy.microbatches:
             raise ValueError(
                 f"batch_size {self.batch_size} does not split into strategy.microbatches "

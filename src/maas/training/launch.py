@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from maas import envs
 from maas.errors import InvalidInput, MaasError
 from maas.registry import Registry
 from maas.registry.entities import Run
@@ -53,8 +54,8 @@ def train(
 
     On several nodes every node runs this with the same config, ``nnodes`` and ``rdzv_endpoint``; they all
     derive one run id from the endpoint and ``rdzv_id`` (default: the config's hash), so they share one run
-    folder (``MAAS_HOME`` on a shared filesystem) and, with a shared database, one record. A node that finds
-    the run already recorded joins it; a job that already succeeded needs a new ``rdzv_id`` to train again.
+    folder (``MAAS_RUNS_DIR`` on a shared filesystem) and, with a shared database, one record. A node that
+    finds the run already recorded joins it; a job that already succeeded needs a new ``rdzv_id``.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -67,6 +68,11 @@ def train(
         raise InvalidInput(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
     if nnodes > 1 and not rdzv_endpoint:
         raise InvalidInput("a multi-node run needs --rdzv-endpoint HOST:PORT, the same on every node")
+    if rdzv_id is not None and (nnodes == 1 or resume is not None):
+        raise InvalidInput(
+            "--rdzv-id names a new job on several nodes: use it with --nnodes > 1 and without --resume "
+            "(a resumed run keeps its id)"
+        )
     registry = registry or Registry()
     world_size = nproc_per_node * nnodes
     if resume is not None:
@@ -99,7 +105,7 @@ def train(
     if resume is not None:
         check(cfg, world_size)
 
-    run_dir = registry.home / "runs" / run.id
+    run_dir = runs_dir(registry) / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
     registry.start_run(run.id)
     launch_config = LaunchConfig(
@@ -139,6 +145,11 @@ def train(
     return registry.finish_run(
         run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
     )
+
+
+def runs_dir(registry: Registry) -> Path:
+    """Where runs keep their folders: ``MAAS_RUNS_DIR``, else the registry's home's ``runs/``."""
+    return Path(envs.MAAS_RUNS_DIR).expanduser() if envs.MAAS_RUNS_DIR else registry.home / "runs"
 
 
 @contextlib.contextmanager
