@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ def _assert_equal(a: Any, b: Any, where: str = "") -> None:
         assert a == b, where
 
 
-def _worker(rank: int, port: int, run_dir: str) -> None:
+@contextlib.contextmanager
+def _gloo(rank: int, port: int) -> Iterator[None]:
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -51,6 +54,13 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
         timeout=datetime.timedelta(seconds=60),
     )
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, port: int, run_dir: str) -> None:
+    with _gloo(rank, port):
         model, optim = _ddp(seed=0)
         torch.manual_seed(100 + rank)  # each rank sees its own data, as in real data-parallel training
         for _ in range(2):
@@ -78,20 +88,11 @@ def _worker(rank: int, port: int, run_dir: str) -> None:
             assert torch.equal(p, q)
         _assert_equal(get_state_dict(model, optim)[1], get_state_dict(fresh, fresh_optim)[1], "optim")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _unshared_worker(rank: int, port: int, base: str) -> None:
     """Each rank with its own run folder, as two machines without shared storage would have."""
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with _gloo(rank, port):
         run_dir = Path(base) / f"node{rank}"
         model, optim = _ddp(seed=0)
         msd, osd = get_state_dict(model, optim)
@@ -105,8 +106,6 @@ def _unshared_worker(rank: int, port: int, base: str) -> None:
         else:
             raise AssertionError("agreed_latest accepted a checkpoint that rank 1 cannot read")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def _run_ranks(worker: str, path: Path) -> None:

@@ -186,7 +186,7 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
             rep.evaluation(at, metrics)
         return metrics
 
-    every_eval = cfg.eval.every_steps if cfg.eval and cfg.data.eval else None
+    every_eval = cfg.eval.every_steps if cfg.eval else None  # the config refuses it without data.eval
 
     def save(at: int, rep: Reporter | None) -> int:
         """A complete checkpoint of every trainer rank at step ``at`` (collective)."""
