@@ -10,11 +10,11 @@ import pytest
 
 from maas.registry import Registry
 
-TIERS = {"unit", "integration", "e2e"}
+TIERS = {"unit", "integration", "e2e", "security"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by its folder (tests/unit, tests/integration, tests/e2e)."""
+    """Mark each test by its folder (tests/unit, tests/integration, tests/e2e, tests/security)."""
     for item in items:
         for part in Path(str(item.fspath)).parts:
             if part in TIERS:

@@ -61,6 +61,59 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         _num("MAAS_MAX_REQUEST_BYTES", 64 * 1024 * 1024, int),
         "Largest request body the server accepts; larger bodies get 413.",
     ),
+    "MAAS_MAX_JSON_BYTES": (
+        _num("MAAS_MAX_JSON_BYTES", 8 * 1024 * 1024, int),
+        "Largest JSON part of an inference request (the whole body, or the header before binary tensors), also "
+        "after inflating; larger gets 413. JSON costs far more to parse than binary tensors.",
+    ),
+    "MAAS_MAX_INFLATED_BYTES": (
+        _str("MAAS_MAX_INFLATED_BYTES", None),
+        "Largest size a gzip or deflate request body may inflate to; larger gets 413. Default: "
+        "MAAS_MAX_REQUEST_BYTES.",
+    ),
+    "MAAS_MAX_TENSOR_ELEMENTS": (
+        _num("MAAS_MAX_TENSOR_ELEMENTS", 1 << 24, int),
+        "Most elements in one request tensor: the product of its non-zero dimensions (also the largest "
+        "dimension); more gets 413.",
+    ),
+    "MAAS_MAX_BYTES_ELEMENTS": (
+        _num("MAAS_MAX_BYTES_ELEMENTS", 16_384, int),
+        "Most elements in one BYTES (text) tensor of a request; more gets 413.",
+    ),
+    "MAAS_MAX_BYTES_ELEMENT_BYTES": (
+        _num("MAAS_MAX_BYTES_ELEMENT_BYTES", 1024 * 1024, int),
+        "Longest single BYTES element (one text) in a request, in bytes; longer gets 413.",
+    ),
+    "MAAS_MAX_OUTPUT_BYTES": (
+        _num("MAAS_MAX_OUTPUT_BYTES", 64 * 1024 * 1024, int),
+        "Largest response tensors (raw bytes, summed over outputs); larger gets 413 instead of a response.",
+    ),
+    "MAAS_MAX_CONCURRENT_DECODES": (
+        _num("MAAS_MAX_CONCURRENT_DECODES", 2, int),
+        "Large or compressed request bodies decoded at once; more at the same time get 429 with Retry-After.",
+    ),
+    "MAAS_MAX_CONNECTIONS": (
+        _num("MAAS_MAX_CONNECTIONS", 512, int),
+        "Open client connections the server keeps; more are answered 503 and closed.",
+    ),
+    "MAAS_MAX_INFLIGHT_BYTES": (
+        _num("MAAS_MAX_INFLIGHT_BYTES", 512 * 1024 * 1024, int),
+        "Request body bytes held by all requests in flight together; a request over it gets 503 with Retry-After.",
+    ),
+    "MAAS_HEADER_TIMEOUT_S": (
+        _num("MAAS_HEADER_TIMEOUT_S", 10.0),
+        "Seconds a client has to send a request's headers, from its first byte (or from connecting); then the "
+        "connection is closed (408 when part of a request had arrived).",
+    ),
+    "MAAS_BODY_TIMEOUT_S": (
+        _num("MAAS_BODY_TIMEOUT_S", 60.0),
+        "Seconds a client has to send a whole request body once its headers arrived; then 408 and the connection "
+        "is closed.",
+    ),
+    "MAAS_KEEPALIVE_TIMEOUT_S": (
+        _num("MAAS_KEEPALIVE_TIMEOUT_S", 5.0),
+        "Seconds an idle keep-alive connection stays open between requests.",
+    ),
     "MAAS_WATCH_INTERVAL_S": (
         _num("MAAS_WATCH_INTERVAL_S", 0.5),
         "How often the server polls the registry for alias moves and new versions.",

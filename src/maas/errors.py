@@ -52,6 +52,13 @@ class PayloadTooLarge(MaasError):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class RequestTimeout(MaasError):
+    """The client did not send its request (headers or body) in time."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
 class UnsupportedMediaType(MaasError):
     http_status = 415
     grpc_code = "INVALID_ARGUMENT"

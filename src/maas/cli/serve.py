@@ -21,6 +21,7 @@ def serve(
 
     from maas.cli.output import console
     from maas.serving.app import create_app
+    from maas.serving.connections import uvicorn_options
     from maas.serving.settings import ServerSettings
 
     level = (log_level or str(envs.MAAS_LOG_LEVEL or "info")).lower()
@@ -35,4 +36,5 @@ def serve(
         log_level=level,
         access_log=False,
         timeout_graceful_shutdown=5,
+        **uvicorn_options(settings),
     )

@@ -20,6 +20,7 @@ from maas.errors import InvalidInput, MaasError, NotFound, Unavailable
 from maas.registry import ModelVersion, Registry
 from maas.registry.uri import parse_version
 from maas.runtimes.base import Runtime
+from maas.serving.errors import public_message
 from maas.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -214,9 +215,15 @@ class ModelManager:
                     self._switch(dep, loaded)
                 self.metrics.loaded.set(sum(1 for s in self._slots.values() if s.loaded is not None))
         except Exception as exc:
-            err = exc if isinstance(exc, MaasError) else Unavailable(f"models:/{name}/{version} failed to load: {exc}")
+            # Whatever the cause, a version that cannot load is the server's problem, not the client's: 503,
+            # with the runtime's words but no server paths (the log keeps the whole error).
+            err = (
+                exc
+                if isinstance(exc, Unavailable)
+                else Unavailable(f"models:/{name}/{version} cannot be loaded: {public_message(str(exc))}")
+            )
             self.metrics.load_failures.labels(name, str(version)).inc()
-            log.error("cannot load models:/%s/%s: %s", name, version, err)
+            log.error("cannot load models:/%s/%s: %s", name, version, exc)
             slot.finished_at = time.monotonic()
             slot.error = err
         finally:
@@ -312,7 +319,11 @@ class ModelManager:
             return name in self._deployments
 
     def model_ready(self, name: str, version: str | None) -> tuple[bool, str]:
+        """Whether the model (a bare name: the version it means) is loaded, and why not. Never starts a load of
+        an explicit version: that happens on its first inference request."""
         try:
+            if version is not None:
+                return self._version_ready(name, version)
             self.lookup(name, version)
             return True, ""
         except Loading as loading:
@@ -321,6 +332,17 @@ class ModelManager:
             if isinstance(exc, (NotFound, InvalidInput)):
                 raise
             return False, str(exc)
+
+    def _version_ready(self, name: str, version: str) -> tuple[bool, str]:
+        key = (name, parse_version(version))
+        with self._lock:
+            slot = self._slots.get(key)
+        if slot is None:
+            self.check_served(name)
+            self.registry.get_version(name, key[1])  # NotFound for an unknown version
+            return False, f"models:/{name}/{key[1]} is not loaded; it loads on its first inference request"
+        self._from_slot(slot, f"models:/{name}/{key[1]}")
+        return True, ""
 
     def loaded_versions(self) -> dict[str, list[int]]:
         with self._lock:

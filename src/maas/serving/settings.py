@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from maas import envs
+from maas.serving.limits import RequestLimits
 
 
 class ServerSettings(BaseModel):
@@ -18,6 +19,17 @@ class ServerSettings(BaseModel):
     watch_interval_s: float = Field(0.5, gt=0)
     load_wait_s: float = Field(10.0, ge=0)
     infer_threads: int = Field(4, ge=1)
+    #: What one request may cause (shapes, elements, JSON and output bytes); see maas.serving.limits.
+    limits: RequestLimits = RequestLimits()
+    #: Large or compressed bodies decoded at once; beyond it, 429 with Retry-After.
+    max_concurrent_decodes: int = Field(2, ge=1)
+    #: Request body bytes all requests in flight may hold together; beyond it, 503 with Retry-After.
+    max_inflight_bytes: int = Field(512 * 1024 * 1024, gt=0)
+    #: Open connections; more are answered 503 and closed.
+    max_connections: int = Field(512, ge=1)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(60.0, gt=0)
+    keepalive_timeout_s: float = Field(5.0, gt=0)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -29,6 +41,13 @@ class ServerSettings(BaseModel):
             "watch_interval_s": envs.MAAS_WATCH_INTERVAL_S,
             "load_wait_s": envs.MAAS_LOAD_WAIT_S,
             "infer_threads": envs.MAAS_INFER_THREADS,
+            "limits": RequestLimits.from_env(),
+            "max_concurrent_decodes": envs.MAAS_MAX_CONCURRENT_DECODES,
+            "max_inflight_bytes": envs.MAAS_MAX_INFLIGHT_BYTES,
+            "max_connections": envs.MAAS_MAX_CONNECTIONS,
+            "header_timeout_s": envs.MAAS_HEADER_TIMEOUT_S,
+            "body_timeout_s": envs.MAAS_BODY_TIMEOUT_S,
+            "keepalive_timeout_s": envs.MAAS_KEEPALIVE_TIMEOUT_S,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 
 from maas.errors import InvalidInput
+from maas.serving import jsoncodec
+from maas.serving.limits import RequestLimits
 from maas.tensors import DATATYPES, Signature, TensorSpec, datatype_of, format_shape
 
 _JSON_TYPE_NAMES: dict[type, str] = {
@@ -50,6 +52,10 @@ _ALLOWED_JSON_TYPES: dict[str, frozenset[type]] = {
     "BOOL": frozenset({bool}),
     "BYTES": frozenset({str}),
 }
+
+#: Elements converted per C call, so a large tensor never holds the GIL for long (see maas.serving.jsoncodec).
+_SLICE = 65_536
+_DEFAULT_LIMITS = RequestLimits()
 
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification")
 
@@ -83,12 +89,15 @@ class _InputHeader:
     binary_size: int | None
 
 
-def decode_request(body: bytes, header_length: int | None, signature: Signature) -> DecodedRequest:
-    """Parse and validate an inference request body against ``signature``.
+def decode_request(
+    body: bytes, header_length: int | None, signature: Signature, limits: RequestLimits = _DEFAULT_LIMITS
+) -> DecodedRequest:
+    """Parse and validate an inference request body against ``signature`` within ``limits``.
 
     ``header_length`` is the ``Inference-Header-Content-Length`` header (None: the whole body is JSON).
     Returns arrays with the signature's dtype and the request's shape, C-contiguous and writable; BYTES
-    as object arrays of ``bytes``. Raises :class:`InvalidInput` saying what was wrong and what was expected.
+    as object arrays of ``bytes``. Raises :class:`InvalidInput` saying what was wrong and what was expected,
+    or :class:`~maas.errors.PayloadTooLarge` naming the limit a request is over.
     """
     if header_length is None:
         header_length = len(body)
@@ -97,6 +106,7 @@ def decode_request(body: bytes, header_length: int | None, signature: Signature)
             f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes; "
             "it must be the length of the JSON header at the start of the body"
         )
+    limits.check_json(header_length)
     request = _parse_json(body[:header_length])
     binary = memoryview(body)[header_length:]
 
@@ -106,7 +116,7 @@ def decode_request(body: bytes, header_length: int | None, signature: Signature)
     parameters = _parameters(request, "the request")
     binary_data_output = _bool_parameter(parameters, "binary_data_output", "the request")
 
-    headers = _input_headers(request, signature)
+    headers = _input_headers(request, signature, limits)
     requested, binary_outputs = _requested_outputs(request, signature, binary_data_output)
     expected = sum(h.binary_size for h in headers if h.binary_size is not None)
     if expected != len(binary):
@@ -120,9 +130,9 @@ def decode_request(body: bytes, header_length: int | None, signature: Signature)
     offset = 0
     for h in headers:
         if h.binary_size is None:
-            inputs[h.spec.name] = _from_json(h.spec, h.shape, h.data)
+            inputs[h.spec.name] = _from_json(h.spec, h.shape, h.data, limits)
         else:
-            inputs[h.spec.name] = _from_binary(h.spec, h.shape, binary[offset : offset + h.binary_size])
+            inputs[h.spec.name] = _from_binary(h.spec, h.shape, binary[offset : offset + h.binary_size], limits)
             offset += h.binary_size
     return DecodedRequest(
         id=request_id,
@@ -146,9 +156,10 @@ def encode_response(
     ``binary`` is True for all outputs binary, else the names of the outputs to send binary. Outputs
     appear in ``outputs``' order. BYTES elements may be ``bytes`` or ``str`` (sent UTF-8 encoded).
     """
-    tensors: list[dict[str, Any]] = []
+    tensors: list[str] = []
     chunks: list[bytes] = []
     for name, value in outputs.items():
+        data: str | None = None
         arr = np.asarray(value)
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))
@@ -163,16 +174,18 @@ def encode_response(
             tensor["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         elif datatype == "BYTES":
-            tensor["data"] = [_as_bytes(x).decode("utf-8", errors="replace") for x in arr.ravel()]
+            data = jsoncodec.dumps_texts([_as_bytes(x).decode("utf-8", errors="replace") for x in arr.ravel()])
         else:
-            tensor["data"] = arr.ravel().tolist()
-        tensors.append(tensor)
+            data = jsoncodec.dumps_flat(arr)
+        # Tensor data is spliced in as text encoded in slices: one json.dumps of it all would hold the GIL.
+        encoded = json.dumps(tensor, separators=(",", ":"))
+        tensors.append(encoded if data is None else f'{encoded[:-1]},"data":{data}}}')
 
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         response["id"] = request_id
-    response["outputs"] = tensors
-    header = json.dumps(response, separators=(",", ":")).encode()
+    head = json.dumps(response, separators=(",", ":"))
+    header = f'{head[:-1]},"outputs":[{",".join(tensors)}]}}'.encode()
     if not chunks:
         return header, {"Content-Type": "application/json"}
     return b"".join([header, *chunks]), {
@@ -197,7 +210,7 @@ def model_metadata(name: str, versions: Sequence[str], platform: str, signature:
 
 def _parse_json(header: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(bytes(header).decode("utf-8"))
+        request = jsoncodec.loads(bytes(header).decode("utf-8"))
     except UnicodeDecodeError as e:
         raise InvalidInput(f"request JSON is not valid UTF-8 ({e}); check Inference-Header-Content-Length") from None
     except json.JSONDecodeError as e:
@@ -228,7 +241,7 @@ def _bool_parameter(parameters: Mapping[str, Any], key: str, where: str) -> bool
     return value
 
 
-def _input_headers(request: Mapping[str, Any], signature: Signature) -> list[_InputHeader]:
+def _input_headers(request: Mapping[str, Any], signature: Signature, limits: RequestLimits) -> list[_InputHeader]:
     raw_inputs = request.get("inputs")
     if not isinstance(raw_inputs, list):
         got = "none" if raw_inputs is None else _json_type(raw_inputs)
@@ -247,7 +260,7 @@ def _input_headers(request: Mapping[str, Any], signature: Signature) -> list[_In
         if name in seen:
             raise InvalidInput(f"input '{name}' appears more than once in the request")
         seen.add(name)
-        headers.append(_input_header(raw, spec))
+        headers.append(_input_header(raw, spec, limits))
     missing = [s for s in signature.inputs if s.name not in seen]
     if missing:
         raise InvalidInput(
@@ -256,7 +269,7 @@ def _input_headers(request: Mapping[str, Any], signature: Signature) -> list[_In
     return headers
 
 
-def _input_header(raw: Mapping[str, Any], spec: TensorSpec) -> _InputHeader:
+def _input_header(raw: Mapping[str, Any], spec: TensorSpec, limits: RequestLimits) -> _InputHeader:
     name = spec.name
     datatype = raw.get("datatype")
     if not isinstance(datatype, str):
@@ -277,6 +290,7 @@ def _input_header(raw: Mapping[str, Any], spec: TensorSpec) -> _InputHeader:
             f"input '{name}' shape must be a list of non-negative integers, got {json.dumps(shape)}; "
             f"model expects {format_shape(spec.shape)}"
         )
+    count = limits.check_shape(name, shape, datatype)
     if not spec.accepts(shape):
         raise InvalidInput(
             f"input '{name}' has shape {format_shape(shape)}; model expects {format_shape(spec.shape)}"
@@ -293,7 +307,6 @@ def _input_header(raw: Mapping[str, Any], spec: TensorSpec) -> _InputHeader:
         if "data" in raw:
             raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size; send one or the other")
         itemsize = DATATYPES[datatype].itemsize
-        count = math.prod(shape)
         if datatype != "BYTES" and size != count * itemsize:
             raise InvalidInput(
                 f"input '{name}' has binary_data_size {size} bytes; shape {format_shape(shape)} of {datatype} "
@@ -341,26 +354,51 @@ def _requested_outputs(
 # -- tensor data ------------------------------------------------------------------------------------------------------
 
 
-def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarray:
-    name, datatype = spec.name, spec.datatype
-    flat = data
-    types = set(map(type, flat))
-    if list in types:
+def _flatten(name: str, shape: list[int], data: list[Any]) -> list[Any]:
+    """The leaves of ``data`` (flat, or nested row-major), converted a slice at a time."""
+    if not data or type(data[0]) is not list:
+        return data
+    flat: list[Any] = []
+    inner: tuple[int, ...] | None = None
+    step = max(1, _SLICE // max(1, len(data[0])))
+    for i in range(0, len(data), step):
         # numpy walks the nesting in C; a ragged level either raises or leaves lists among the leaves.
         try:
-            flat = np.asarray(data, dtype=object).reshape(-1).tolist()
+            part = np.asarray(data[i : i + step], dtype=object)
         except ValueError:
-            flat = [[]]
-        types = set(map(type, flat))
-        if list in types:
+            part = None
+        if part is None or (inner is not None and part.shape[1:] != inner):
             raise InvalidInput(
                 f"input '{name}' data is a ragged nested list; send it flat or nested as {format_shape(shape)}"
             )
+        inner = part.shape[1:]
+        flat.extend(part.reshape(-1).tolist())
+    return flat
+
+
+def _types(flat: list[Any]) -> set[type]:
+    types: set[type] = set()
+    for i in range(0, len(flat), _SLICE):
+        types.update(map(type, flat[i : i + _SLICE]))
+    return types
+
+
+def _from_json(spec: TensorSpec, shape: list[int], data: list[Any], limits: RequestLimits) -> np.ndarray:
+    name, datatype = spec.name, spec.datatype
+    count = math.prod(shape)
+    # Checked before any conversion: the shape is bounded, the data need not be.
+    if len(data) > max(count, 1) and type(data[0]) is not list:
+        raise InvalidInput(f"input '{name}' has {len(data)} data elements; shape {format_shape(shape)} needs {count}")
+    flat = _flatten(name, shape, data)
+    types = _types(flat)
+    if list in types:
+        raise InvalidInput(
+            f"input '{name}' data is a ragged nested list; send it flat or nested as {format_shape(shape)}"
+        )
     bad = types - _ALLOWED_JSON_TYPES[datatype]
     if bad:
         found = ", ".join(sorted(_JSON_TYPE_NAMES.get(t, t.__name__) for t in bad))
         raise InvalidInput(f"input '{name}' is {datatype} but its data holds {found}; {_expected_values(datatype)}")
-    count = math.prod(shape)
     if len(flat) != count:
         raise InvalidInput(f"input '{name}' has {len(flat)} data elements; shape {format_shape(shape)} needs {count}")
 
@@ -368,19 +406,29 @@ def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarra
     if datatype == "BYTES":
         arr = np.empty(count, dtype=object)
         try:
-            arr[:] = [s.encode("utf-8") for s in flat]
+            encoded = [s.encode("utf-8") for s in flat]
         except UnicodeEncodeError:
             raise InvalidInput(f"input '{name}' holds a string that is not valid Unicode (a lone surrogate)") from None
-    elif dtype.kind in "iu":
+        for i, b in enumerate(encoded):
+            limits.check_bytes_element(name, i, len(b))
+        arr[:] = encoded
+        return arr.reshape(shape)
+    parts = [_json_slice(name, datatype, dtype, flat[i : i + _SLICE]) for i in range(0, count, _SLICE)]
+    arr = np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+    return arr.reshape(shape)
+
+
+def _json_slice(name: str, datatype: str, dtype: np.dtype[Any], flat: list[Any]) -> np.ndarray:
+    if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        lo, hi = (min(flat), max(flat)) if flat else (0, 0)
+        lo, hi = min(flat), max(flat)
         if lo < info.min or hi > info.max:
             culprit = lo if lo < info.min else hi
             raise InvalidInput(
                 f"input '{name}' value {culprit} is out of range for {datatype} [{info.min}, {info.max}]"
             )
-        arr = np.array(flat, dtype=dtype)
-    elif dtype.kind == "f":
+        return np.array(flat, dtype=dtype)
+    if dtype.kind == "f":
         try:
             wide = np.array(flat, dtype=np.float64)
         except OverflowError:
@@ -391,16 +439,15 @@ def _from_json(spec: TensorSpec, shape: list[int], data: list[Any]) -> np.ndarra
             raise InvalidInput(
                 f"input '{name}' holds values out of range for {datatype} (max {float(np.finfo(dtype).max)})"
             )
-    else:
-        arr = np.array(flat, dtype=dtype)
-    return arr.reshape(shape)
+        return arr
+    return np.array(flat, dtype=dtype)
 
 
-def _from_binary(spec: TensorSpec, shape: list[int], raw: memoryview) -> np.ndarray:
+def _from_binary(spec: TensorSpec, shape: list[int], raw: memoryview, limits: RequestLimits) -> np.ndarray:
     name, datatype = spec.name, spec.datatype
     count = math.prod(shape)
     if datatype == "BYTES":
-        return _bytes_from_wire(name, raw, count).reshape(shape)
+        return _bytes_from_wire(name, raw, count, limits).reshape(shape)
     dtype = DATATYPES[datatype]
     if datatype == "BOOL" and count and np.frombuffer(raw, dtype=np.uint8).max() > 1:
         raise InvalidInput(f"input '{name}' is BOOL but its binary data holds bytes other than 0 and 1")
@@ -409,7 +456,7 @@ def _from_binary(spec: TensorSpec, shape: list[int], raw: memoryview) -> np.ndar
     return arr.reshape(shape)
 
 
-def _bytes_from_wire(name: str, raw: memoryview, count: int) -> np.ndarray:
+def _bytes_from_wire(name: str, raw: memoryview, count: int, limits: RequestLimits) -> np.ndarray:
     elements: list[bytes] = []
     offset, end = 0, len(raw)
     while offset < end:
@@ -421,6 +468,7 @@ def _bytes_from_wire(name: str, raw: memoryview, count: int) -> np.ndarray:
             raise InvalidInput(
                 f"input '{name}' BYTES element {len(elements)} declares {length} bytes but only {end - offset} remain"
             )
+        limits.check_bytes_element(name, len(elements), length)
         elements.append(bytes(raw[offset : offset + length]))
         offset += length
         if len(elements) > count:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import zlib
-
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
-from maas.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+from maas.errors import InvalidInput, UnsupportedMediaType
 from maas.serving.api.v2.service import V2Service
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -29,25 +26,11 @@ def _header_length(request: Request) -> int | None:
     return int(raw)
 
 
-def _decompress(body: bytes, request: Request) -> bytes:
-    """Undo ``Content-Encoding: gzip|deflate`` (tritonclient's request compression), bounded by the body limit."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    if encoding not in ("gzip", "deflate"):
+def _encoding(request: Request) -> str:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
+    if encoding not in ("identity", "gzip", "deflate"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    limit = request.app.state.settings.max_request_bytes
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(
-            f"request body inflates to over the limit of {limit:,} bytes; send smaller batches or raise "
-            "MAAS_MAX_REQUEST_BYTES on the server"
-        )
-    return out
+    return encoding
 
 
 def build_router() -> APIRouter:
@@ -93,10 +76,9 @@ def build_router() -> APIRouter:
 
     async def _infer(request: Request, name: str, version: str | None) -> Response:
         header_length = _header_length(request)
+        encoding = _encoding(request)
         body = await request.body()
-        if request.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
-            body = await run_in_threadpool(_decompress, body, request)
-        payload, headers = await _service(request).infer(name, version, body, header_length)
+        payload, headers = await _service(request).infer(name, version, body, header_length, encoding)
         media_type = headers.pop("Content-Type", "application/json")
         return Response(payload, media_type=media_type, headers=headers)
 

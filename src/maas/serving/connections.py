@@ -1,0 +1,108 @@
+"""Connection-level defences of ``maas serve``: what an ASGI app cannot see.
+
+uvicorn's HTTP/1.1 protocol (h11) waits forever for a request's headers and keeps any number of
+connections open. :func:`protocol_class` returns the same protocol with three bounds added:
+
+- a cap on open connections: one over it is answered 503 with ``Retry-After`` and closed at once;
+- a header deadline: from a connection's opening (or the first byte of its next request) the client has
+  ``header_timeout_s`` to finish the request's headers, else 408 and the connection is closed, so
+  half-sent headers (slowloris) and silent sockets cannot pile up;
+- a body the app never read (an early answer such as 404 or 413) must finish arriving within the same
+  time after the answer, else the connection is closed.
+
+The body's own deadline, for bodies the app reads, is :class:`maas.serving.guard.RequestGuard`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+def _raw_response(status: int, reason: str, message: str, extra: bytes = b"") -> bytes:
+    body = json.dumps({"error": message}).encode()
+    head = (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        "connection: close\r\n"
+    ).encode()
+    return head + extra + b"\r\n" + body
+
+
+def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol with the bounds of the module docstring (pass it as ``uvicorn.run(http=...)``)."""
+    busy = _raw_response(
+        503,
+        "Service Unavailable",
+        f"the server has {max_connections} connections open already (MAAS_MAX_CONNECTIONS); retry shortly",
+        b"retry-after: 1\r\n",
+    )
+    too_slow = _raw_response(
+        408,
+        "Request Timeout",
+        f"the request's headers did not arrive within {header_timeout_s:g} s (MAAS_HEADER_TIMEOUT_S)",
+    )
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _refused = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if len(self.connections) >= max_connections:
+                self._refused = True
+                self.transport = transport
+                transport.write(busy)
+                transport.close()
+                return
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            if self._refused:
+                return
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return
+            if self.conn.their_state is h11.IDLE and self._deadline is None:
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE and self.conn.our_state is not h11.DONE:
+                self._disarm()  # headers complete; the body's deadline is the app's (RequestGuard)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+                self._arm()  # answered before the body was read: it must still finish arriving
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(header_timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing():
+                return
+            if self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE:
+                self.transport.write(too_slow)
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
+def uvicorn_options(settings: Any) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` that apply ``settings``' connection bounds."""
+    return {
+        "http": protocol_class(max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s),
+        "timeout_keep_alive": settings.keepalive_timeout_s,
+    }

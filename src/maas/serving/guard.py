@@ -1,0 +1,121 @@
+"""ASGI middleware that bounds what one request may hold: its body's size, the time it takes to arrive,
+and the bytes all requests in flight hold together. It also gives every request an id, sent back as
+``X-Request-ID`` and written in the server's log beside any error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from maas.errors import PayloadTooLarge, RequestTimeout, Unavailable
+
+#: A client's own X-Request-ID is kept when it looks like an id (so logs can be joined), else replaced.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+class RequestGuard:
+    """See the module docstring. Errors raised from ``receive`` reach the app's exception handlers."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, max_inflight_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.max_inflight_bytes = max_inflight_bytes
+        #: Body bytes held by requests in flight (one event loop: no lock needed).
+        self.inflight_bytes = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _request_id(scope)
+        scope["maas.request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            await _send_error(send_with_id, PayloadTooLarge(self._too_large(declared)))
+            return
+        if declared is not None and self.inflight_bytes + declared > self.max_inflight_bytes:
+            await _send_error(send_with_id, Unavailable(self._busy()))
+            return
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
+        held = 0
+        complete = False
+
+        async def guarded() -> Message:
+            nonlocal held, complete
+            if complete:
+                return await receive()
+            remaining = deadline - loop.time()
+            try:
+                if remaining <= 0:
+                    raise TimeoutError
+                message = await asyncio.wait_for(receive(), remaining)
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.body_timeout_s:g} s (MAAS_BODY_TIMEOUT_S)"
+                ) from None
+            if message["type"] == "http.request":
+                size = len(message.get("body", b""))
+                held += size
+                self.inflight_bytes += size
+                complete = not message.get("more_body", False)
+                if held > self.max_body_bytes:
+                    raise PayloadTooLarge(self._too_large(held))
+                if self.inflight_bytes > self.max_inflight_bytes:
+                    raise Unavailable(self._busy())
+            else:
+                complete = True
+            return message
+
+        try:
+            await self.app(scope, guarded, send_with_id)
+        finally:
+            self.inflight_bytes -= held
+
+    def _too_large(self, size: int) -> str:
+        return (
+            f"request body of {size:,} bytes is over the limit of {self.max_body_bytes:,} bytes; send smaller "
+            "batches or raise MAAS_MAX_REQUEST_BYTES on the server"
+        )
+
+    def _busy(self) -> str:
+        return (
+            f"the server holds {self.max_inflight_bytes:,} bytes of request bodies in flight already "
+            "(MAAS_MAX_INFLIGHT_BYTES); retry shortly"
+        )
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope.get("headers", []):
+        if key == b"x-request-id":
+            text = value.decode("latin-1")
+            if _CLIENT_ID.fullmatch(text):
+                return text
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", []):
+        if key == b"content-length":
+            return int(value) if value.isdigit() and len(value) <= 18 else None
+    return None
+
+
+async def _send_error(send: Send, exc: PayloadTooLarge | Unavailable) -> None:
+    body = json.dumps({"error": str(exc)}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers.append((b"retry-after", b"1") if exc.http_status == 503 else (b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
