@@ -11,7 +11,7 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import compress, demo, model_report, models, runs, serve, train
+from maas.cli import compress, demo, gc, model_report, models, runs, serve, train
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
 app.command("compress")(compress.compress)
+app.command("gc")(gc.gc)
 
 
 def _version(value: bool) -> None:

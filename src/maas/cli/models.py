@@ -222,17 +222,29 @@ def verify(
     name: str | None = typer.Argument(None, help="Only this model (default: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Re-check every artifact's sha256; exits 1 if any is missing or corrupted."""
-    results = Registry().verify(_model(name) if name else None)
-    bad = [r for r in results if not r.ok]
+    """Re-check every artifact's sha256, and list debris (files nothing uses; `maas gc` removes them).
+
+    Exits 1 if any artifact is missing or corrupted; debris alone costs only disk space and exits 0.
+    """
+    from maas.cli.gc import describe
+
+    report = Registry().verify(_model(name) if name else None)
+    bad = [r for r in report.versions if not r.ok]
     if as_json:
-        print_json([r.__dict__ for r in results])
+        print_json(report.to_dict())
     else:
-        for r in results:
+        for r in report.versions:
             if r.ok:
                 console.print(f"[green]ok[/]   {r.name}/{r.version}  {r.expected}")
             else:
                 console.print(f"[red]FAIL[/] {r.name}/{r.version}  {escape(r.message)}", soft_wrap=True)
-        console.print(f"{len(results) - len(bad)} ok, {len(bad)} failed")
+        console.print(f"{len(report.versions) - len(bad)} ok, {len(bad)} failed")
+        if report.debris:
+            console.print(
+                f"[yellow]debris[/]: {len(report.debris)} item(s), {report.debris_bytes:,} bytes that no version "
+                "and no running registration uses; run `maas gc` to remove them:"
+            )
+            for d in report.debris:
+                console.print(f"  {describe(d)}", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)

@@ -3,6 +3,8 @@
 from maas.registry.entities import (
     RUN_STATUSES,
     AliasEvent,
+    Debris,
+    GcResult,
     Lineage,
     ModelVersion,
     RegisteredModel,
@@ -11,6 +13,7 @@ from maas.registry.entities import (
     RunEval,
     RunStep,
     ServingTarget,
+    VerifyReport,
     VerifyResult,
 )
 from maas.registry.registry import DEFAULT_ALIAS, Registry
@@ -21,6 +24,8 @@ __all__ = [
     "DEFAULT_ALIAS",
     "RUN_STATUSES",
     "AliasEvent",
+    "Debris",
+    "GcResult",
     "Lineage",
     "ModelRef",
     "ModelVersion",
@@ -31,6 +36,7 @@ __all__ = [
     "RunEval",
     "RunStep",
     "ServingTarget",
+    "VerifyReport",
     "VerifyResult",
     "config_hash",
     "parse_ref",

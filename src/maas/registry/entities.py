@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -115,6 +116,80 @@ class VerifyResult:
     expected: str
     actual: str | None  # None when the file is missing
     message: str = ""
+
+
+#: What ``maas gc`` removes: an ``artifact`` no version references; an ``upload`` or ``scratch`` folder left
+#: in the artifact store's ``tmp/`` by a registration that died; an ``extraction`` a load that died left in
+#: ``cache/hf/``; a ``cache`` folder holding an artifact no version references any more.
+DEBRIS_KINDS = ("artifact", "upload", "scratch", "extraction", "cache")
+
+
+@dataclass(frozen=True)
+class Debris:
+    """A file or folder in ``MAAS_HOME`` that no version and no running process uses."""
+
+    kind: str  # one of DEBRIS_KINDS
+    path: str  # relative to MAAS_HOME (absolute when it lies outside)
+    size: int  # bytes, all files of a folder together
+    age_s: float  # seconds since it (or anything in it) last changed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "size": self.size, "age_s": round(self.age_s, 3)}
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`Registry.verify` found: each version's digest check, and the debris in the store.
+
+    Iterating over it yields the per-version results. ``ok`` is about the versions only: debris costs
+    disk space, never correctness, and ``maas gc`` removes it.
+    """
+
+    versions: tuple[VerifyResult, ...]
+    debris: tuple[Debris, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.versions)
+
+    @property
+    def debris_bytes(self) -> int:
+        return sum(d.size for d in self.debris)
+
+    def __iter__(self) -> Iterator[VerifyResult]:
+        return iter(self.versions)
+
+    def __len__(self) -> int:
+        return len(self.versions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "versions": [asdict(r) for r in self.versions],
+            "debris": [d.to_dict() for d in self.debris],
+            "debris_bytes": self.debris_bytes,
+        }
+
+
+@dataclass(frozen=True)
+class GcResult:
+    """What :meth:`Registry.gc` removed (or, with ``dry_run``, would remove)."""
+
+    removed: tuple[Debris, ...]
+    in_use: int  # temporaries left alone because a running process holds them (or may: recent extractions)
+    dry_run: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(d.size for d in self.removed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "removed": [d.to_dict() for d in self.removed],
+            "bytes_freed": self.bytes_freed,
+            "in_use": self.in_use,
+        }
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from maas import envs
 from maas.errors import ArtifactIntegrityError, InvalidInput, NotFound
+from maas.registry import debris
 from maas.registry.artifacts import ArtifactStore, LocalArtifactStore
 from maas.registry.entities import (
     AliasEvent,
+    GcResult,
     Lineage,
     ModelVersion,
     RegisteredModel,
@@ -22,6 +23,7 @@ from maas.registry.entities import (
     RunEval,
     RunStep,
     ServingTarget,
+    VerifyReport,
     VerifyResult,
 )
 from maas.registry.runs import RunStore, StepLike
@@ -124,9 +126,10 @@ class Registry:
         parent_ref = None
         if parent is not None:
             parent_ref = self.resolve(parent).uri
-        # A directory is stored as the one file its format packs it into (hf_transformers: a zip).
-        with tempfile.TemporaryDirectory(prefix="maas-pack-") as scratch:
-            artifact = runtimes.pack(path, fmt, Path(scratch))
+        # A directory is stored as the one file its format packs it into (hf_transformers: a zip), packed
+        # inside the artifact store, where `maas gc` finds it if this process dies.
+        with self.artifacts.scratch() as scratch:
+            artifact = runtimes.pack(path, fmt, scratch)
             sig = signature or runtimes.inspect(path, fmt)
             with self.artifacts.guard(exclusive=False):
                 digest, size = self.artifacts.put(artifact)
@@ -257,8 +260,9 @@ class Registry:
                 )
         return self.artifacts.local_path(version.artifact_digest)
 
-    def verify(self, name: str | None = None) -> list[VerifyResult]:
-        """Re-check the digests of every version (of one model, or of all)."""
+    def verify(self, name: str | None = None) -> VerifyReport:
+        """Re-check the digests of every version (of one model, or of all), and list the debris in the
+        store (store-wide, whichever model was named): what :meth:`gc` would remove."""
         names = [validate_name(name)] if name else [m.name for m in self.list_models()]
         results = []
         for n in names:
@@ -269,7 +273,13 @@ class Registry:
                 except ArtifactIntegrityError as exc:
                     actual = self.artifacts.check(mv.artifact_digest)
                     results.append(VerifyResult(n, mv.version, False, mv.artifact_digest, actual, str(exc)))
-        return results
+        return VerifyReport(tuple(results), tuple(debris.find(self.store, self.artifacts, self.home)))
+
+    def gc(self, *, dry_run: bool = False) -> GcResult:
+        """Remove the debris interrupted work left: artifacts no version references, temporaries no
+        running process holds, stale Hugging Face extractions. Never what a version or an in-flight
+        registration uses; waits while a registration is between storing its artifact and committing."""
+        return debris.collect(self.store, self.artifacts, self.home, dry_run=dry_run)
 
     # --- serving -------------------------------------------------------------------------------
 

@@ -474,6 +474,10 @@ class SqlStore:
 
         return self._read(tx)
 
+    def referenced_digests(self) -> set[str]:
+        """The artifact digest of every version of every model."""
+        return self._read(lambda s: set(s.scalars(select(VersionRow.artifact_digest).distinct())))
+
     def digest_in_use(self, digest: str) -> bool:
         return self._read(
             lambda s: (s.scalar(select(func.count(VersionRow.id)).where(VersionRow.artifact_digest == digest)) or 0) > 0
