@@ -100,7 +100,7 @@ class RequestGuard:
 def _request_id(scope: Scope) -> str:
     for key, value in scope.get("headers", []):
         if key == b"x-request-id":
-            text = value.decode("latin-1")
+            text: str = bytes(value).decode("latin-1")
             if _CLIENT_ID.fullmatch(text):
                 return text
     return uuid.uuid4().hex

@@ -12,7 +12,7 @@ from maas.errors import MaasError
 UNKNOWN = "_unknown_"
 
 # The *_created series double the output for no use here.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
