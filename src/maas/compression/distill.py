@@ -27,10 +27,10 @@ from maas.compression.candidate import Candidate, StepContext
 from maas.compression.recipe import DistillStep
 from maas.compression.tuning import fit, load_dataset, log_probs, output_kind, select_output, set_training
 from maas.errors import InvalidInput
+from maas.imports import resolve
+from maas.runtimes.export import ClassifierHead
 from maas.tensors import Signature, TensorSpec, datatype_of, numpy_dtype
 from maas.training.data import gather
-from maas.training.imports import resolve
-from maas.training.publish import ClassifierHead
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from maas.compression.report import EvalData, Report, compare, load_eval_data
 from maas.errors import InvalidInput, NotFound
 from maas.registry import ModelVersion, Registry
 from maas.registry.uri import validate_alias, validate_name
-from maas.training.imports import resolve
+from maas.imports import resolve
 
 log = logging.getLogger(__name__)
 

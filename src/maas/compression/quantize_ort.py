@@ -37,7 +37,7 @@ from maas.compression.quantize import Runner
 from maas.compression.recipe import QuantizeStep
 from maas.errors import InvalidInput
 from maas.tensors import Signature, numpy_dtype
-from maas.training.imports import resolve
+from maas.imports import resolve
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from maas.errors import InvalidInput
-from maas.training.imports import check_import_path
+from maas.imports import check_import_path
 
 STEP_TYPES = ("prune", "quantize", "distill", "export")
 

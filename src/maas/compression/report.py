@@ -25,7 +25,7 @@ from maas.compression.recipe import EvaluationSpec
 from maas.errors import InvalidInput
 from maas.runtimes.base import Runtime
 from maas.tensors import Signature, numpy_dtype
-from maas.training.imports import resolve
+from maas.imports import resolve
 
 Progress = Callable[[str, int, int], None]
 

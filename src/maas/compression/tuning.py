@@ -22,7 +22,7 @@ from maas.errors import InvalidInput
 from maas.training.components import build_optimizer
 from maas.training.config import OptimizerConfig
 from maas.training.data import gather
-from maas.training.imports import resolve
+from maas.imports import resolve
 
 logger = logging.getLogger(__name__)
 

@@ -61,7 +61,7 @@ def mlp(hidden: int = 128, depth: int = 1):  # type: ignore[no-untyped-def]
 
 def build_model(hidden: int = 128):  # type: ignore[no-untyped-def]
     """``mlp`` behind a classifier head: returns (probabilities, label); ``.model`` gives the logits."""
-    from maas.training.publish import ClassifierHead
+    from maas.runtimes.export import ClassifierHead
 
     return ClassifierHead(mlp(hidden))
 

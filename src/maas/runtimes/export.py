@@ -30,6 +30,18 @@ _SUFFIX = {"onnx": ".onnx", "torch_export": ".pt2"}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
+class ClassifierHead(torch.nn.Module):
+    """Serve a logits model as (probabilities, label): the head exported in front of classifiers."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
+
+
 @contextlib.contextmanager
 def _atomic(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``, renamed onto it only once the body has written it completely."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from maas.training.config import EvalConfig, OptimizerConfig, RegularizationConfig, ScheduleConfig
-from maas.training.imports import resolve
+from maas.imports import resolve
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 from maas.errors import InvalidInput
 from maas.registry.runs import config_hash
 from maas.registry.uri import validate_alias, validate_name
-from maas.training.imports import check_import_path, resolve
+from maas.imports import check_import_path, resolve
 
 ImportPath = Annotated[str, Field(description="package.module:attribute")]
 

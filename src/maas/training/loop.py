@@ -17,7 +17,7 @@ from maas.training import checkpoint
 from maas.training.components import build_loss, build_metric, build_optimizer, lr_factor, regularization
 from maas.training.config import TrainConfig
 from maas.training.data import ShardedBatches, gather
-from maas.training.imports import resolve
+from maas.imports import resolve
 from maas.training.strategies import Strategy, WorkerContext, build_strategy
 
 log = logging.getLogger(__name__)

@@ -9,21 +9,9 @@ import torch
 from torch import nn
 
 from maas.registry import ModelVersion, Registry
-from maas.runtimes.export import export
+from maas.runtimes.export import ClassifierHead, export
 from maas.training.config import TrainConfig
 from maas.training.data import fingerprint, gather
-
-
-class ClassifierHead(nn.Module):
-    """Serve a logits model as (probabilities, label)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(x)
-        return torch.softmax(logits, dim=-1), torch.argmax(logits, dim=-1)
 
 
 def publish(

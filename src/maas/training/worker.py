@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from maas.training.config import TrainConfig
-from maas.training.imports import resolve
+from maas.imports import resolve
 from maas.training.loop import train_loop
 from maas.training.stores import PrefixStore, Store, TCPStore
 from maas.training.strategies import WorkerContext
