@@ -2,13 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from maas.errors import InvalidInput, UnsupportedMediaType
 from maas.serving.api.v2.service import V2Service
+from maas.tensors import DATATYPES
 
 HEADER_LENGTH = "inference-header-content-length"
+
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"type": "string", "enum": list(DATATYPES)},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+#: The request body as OpenAPI sees it: the JSON form (the binary extension appends raw tensor bytes to it).
+INFER_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["inputs"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "inputs": {"type": "array", "items": _TENSOR},
+                        "outputs": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["name"],
+                                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                            },
+                        },
+                    },
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 def _service(request: Request) -> V2Service:
@@ -82,11 +125,11 @@ def build_router() -> APIRouter:
         media_type = headers.pop("Content-Type", "application/json")
         return Response(payload, media_type=media_type, headers=headers)
 
-    @router.post("/models/{name}/infer")
+    @router.post("/models/{name}/infer", openapi_extra=INFER_OPENAPI)
     async def infer(name: str, request: Request) -> Response:
         return await _infer(request, name, None)
 
-    @router.post("/models/{name}/versions/{version}/infer")
+    @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_OPENAPI)
     async def infer_version(name: str, version: str, request: Request) -> Response:
         return await _infer(request, name, version)
 
