@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 from maas.errors import InvalidInput, UnsupportedFormat
-from maas.runtimes.base import Format, Runtime
+from maas.runtimes.base import Format, Runtime, brief
 from maas.runtimes.hf_archive import MARKER as HF_MARKER  # stdlib only: no heavy import
 from maas.tensors import Signature
 
@@ -52,12 +52,15 @@ def detect_format(path: Path) -> str:
         return SUFFIXES[suffix]
     if path.is_file():
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-                if HF_MARKER in names:
-                    return "hf_transformers"
-                if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
-                    return "torch_export"
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    names = zf.namelist()
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+                raise InvalidInput(f"{path.name} is a damaged zip archive ({brief(exc)})") from None
+            if HF_MARKER in names:
+                return "hf_transformers"
+            if any(n.endswith("serialized_exported_program.json") or "/models/" in n for n in names):
+                return "torch_export"
         else:
             with path.open("rb") as fh:
                 head = fh.read(16)

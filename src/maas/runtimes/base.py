@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -13,6 +14,9 @@ from maas.errors import InvalidInput
 from maas.tensors import Signature
 
 log = logging.getLogger(__name__)
+
+#: An absolute POSIX path inside a message: a run of '/part' pieces not preceded by a word character.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~/])(?:/[^\s/'\"`()\[\]{},;:]+)+/?")
 
 
 @runtime_checkable
@@ -70,3 +74,15 @@ def select_outputs(signature: Signature, outputs: Sequence[str] | None) -> list[
         raise InvalidInput(f"unknown output(s) {', '.join(unknown)}; the model returns {', '.join(known)}")
     wanted = set(outputs)
     return [n for n in known if n in wanted]
+
+
+def brief(exc: BaseException, limit: int = 300) -> str:
+    """``exc`` as one line a client may see: the innermost cause's type and first line, absolute paths cut to
+    their last part (messages reach clients, and must not carry the server's paths), at most ``limit``
+    characters."""
+    while exc.__cause__ is not None and exc.__cause__ is not exc:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    text = _ABSOLUTE_PATH.sub(lambda m: m.group(0).rstrip("/").rsplit("/", 1)[-1] or "/", text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

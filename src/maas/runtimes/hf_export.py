@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from maas.errors import InvalidInput, MaasError
-from maas.runtimes.base import resolve_device
+from maas.runtimes.base import brief, resolve_device
 from maas.runtimes.export import _quiet_exporter
 from maas.runtimes.hf_archive import member_files
 from maas.runtimes.hf_heads import load_model
@@ -86,7 +86,7 @@ def load_embedder(info: ModelDir, device: str = "cpu") -> SentenceEmbedder:
     import transformers
 
     if info.weights != "safetensors":
-        raise InvalidInput(f"{info.root} holds no safetensors weights (it has {ONNX_FILE}); torch cannot run it")
+        raise InvalidInput(f"{info.root.name} holds no safetensors weights (it has {ONNX_FILE}); torch cannot run it")
     # The per-load progress bar goes to stderr, outside logging; a server loads quietly.
     transformers.utils.logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
@@ -94,7 +94,7 @@ def load_embedder(info: ModelDir, device: str = "cpu") -> SentenceEmbedder:
     except InvalidInput:
         raise
     except Exception as exc:
-        raise InvalidInput(f"transformers cannot load {info.root}: {type(exc).__name__}: {exc}") from exc
+        raise InvalidInput(f"transformers cannot load {info.root.name}: {brief(exc)}") from None
     return SentenceEmbedder(model, info.pooling, info.normalize).eval().to(device)
 
 

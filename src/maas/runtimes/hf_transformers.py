@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from tokenizers import Encoding
 from tokenizers import Tokenizer as _RustTokenizer
 
 from maas.errors import InvalidInput
-from maas.runtimes.base import select_outputs
-from maas.runtimes.hf_archive import MARKER, is_packed, pack, unpack
+from maas.runtimes.base import brief, select_outputs
+from maas.runtimes.hf_archive import MARKER, check_links, is_packed, pack, unpack
 from maas.tensors import Signature, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,33 @@ _MODULES = ("Transformer", "Pooling", "Normalize")
 _POOLINGS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
 #: Texts per forward pass: bounds activation memory for large requests.
 _CHUNK = 32
+#: Characters added to the first cut of a long text, and how many times longer the last cut may be.
+_CUT_SLACK, _MAX_GROWTH = 256, 16
 
 Pooling = Literal["mean", "cls", "max"]
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(path: Path, shown: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path``; errors name it as ``shown`` (its name by default), never by server path."""
+    shown = shown or path.name
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InvalidInput(f"{path.name} in {path.parent} is not readable JSON: {exc}") from exc
+    except OSError as exc:
+        raise InvalidInput(f"{shown} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidInput(f"{shown} is not readable JSON: {brief(exc)}") from None
     if not isinstance(data, dict):
-        raise InvalidInput(f"{path.name} in {path.parent} must hold a JSON object, not {type(data).__name__}")
+        raise InvalidInput(f"{shown} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def _inside(root: Path, rel: object) -> bool:
+    """True when ``rel`` (a path named inside a config) is a plain relative path that stays in ``root``."""
+    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel or rel.startswith("/"):
+        return False
+    if any(part in ("", ".", "..") for part in rel.split("/")):
+        return False
+    return (root / rel).resolve().is_relative_to(root.resolve())
 
 
 @dataclass(frozen=True)
@@ -77,20 +93,25 @@ class ModelDir:
 
 
 def read_model_dir(root: Path) -> ModelDir:
-    """Check a Hugging Face directory (see the module docstring) and read how to run it."""
+    """Check a Hugging Face directory (see the module docstring) and read how to run it.
+
+    Messages name the directory by its last part only: they reach clients, which must not learn server paths.
+    """
+    shown = root.name or "the model directory"
     if not root.is_dir():
-        raise InvalidInput(f"{root} is not a directory; give a Hugging Face model directory holding config.json")
+        raise InvalidInput(f"{shown} is not a directory; give a Hugging Face model directory holding config.json")
+    check_links(root)  # before reading anything: no file outside the directory is ever read
     if not (root / "config.json").is_file():
-        raise InvalidInput(f"{root} has no config.json; give a directory written by save_pretrained")
+        raise InvalidInput(f"{shown} has no config.json; give a directory written by save_pretrained")
     config = _json(root / "config.json")
     if "auto_map" in config:
         raise InvalidInput(
-            f"{root}/config.json has 'auto_map': the model needs custom code from the directory, which maas never "
+            f"{shown}/config.json has 'auto_map': the model needs custom code from the directory, which maas never "
             "runs; use a model whose architecture ships with transformers"
         )
     if not (root / "tokenizer.json").is_file():
         raise InvalidInput(
-            f"{root} has no tokenizer.json (a fast tokenizer); write one with "
+            f"{shown} has no tokenizer.json (a fast tokenizer); write one with "
             "AutoTokenizer.from_pretrained(dir).save_pretrained(dir) and register again"
         )
     weights = _weights(root)
@@ -98,7 +119,7 @@ def read_model_dir(root: Path) -> ModelDir:
     pooling, normalize, dimension = _modules(root)
     hidden = dimension or next((config[k] for k in ("hidden_size", "d_model", "dim") if k in config), None)
     if not isinstance(hidden, int) or hidden <= 0:
-        raise InvalidInput(f"{root}/config.json names no hidden size (hidden_size, d_model or dim)")
+        raise InvalidInput(f"{shown}/config.json names no hidden size (hidden_size, d_model or dim)")
     return ModelDir(
         root=root,
         weights=weights,
@@ -111,51 +132,74 @@ def read_model_dir(root: Path) -> ModelDir:
 
 
 def _weights(root: Path) -> Literal["onnx", "safetensors"]:
+    shown = root.name or "the model directory"
     if (root / ONNX_FILE).is_file():
         return "onnx"
     if (root / SAFETENSORS_FILE).is_file():
         return "safetensors"
     if (root / SAFETENSORS_INDEX).is_file():
         shards = _json(root / SAFETENSORS_INDEX).get("weight_map", {})
-        names = set(shards.values()) if isinstance(shards, dict) else set()
-        bad = sorted(n for n in names if not isinstance(n, str) or "/" in n or not (root / n).is_file())
+        names = list(shards.values()) if isinstance(shards, dict) else []
+        bad = sorted(
+            {
+                str(n)[:100]
+                for n in names
+                if not isinstance(n, str)
+                or "/" in n
+                or not n.endswith(".safetensors")
+                or not _inside(root, n)
+                or not (root / n).is_file()
+            }
+        )
         if not names or bad:
-            raise InvalidInput(f"{root}/{SAFETENSORS_INDEX} lists missing or invalid shards: {bad or 'none listed'}")
+            raise InvalidInput(
+                f"{shown}/{SAFETENSORS_INDEX} lists missing or invalid shards: {bad or 'none listed'}; every shard "
+                "must be a .safetensors file inside the model directory"
+            )
         return "safetensors"
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise InvalidInput(
-            f"{root} holds only pickled weights ({', '.join(pickles)}); maas never loads pickles because unpickling "
+            f"{shown} holds only pickled weights ({', '.join(pickles)}); maas never loads pickles because unpickling "
             "runs code. Convert them where you trust the file: AutoModel.from_pretrained(dir).save_pretrained(out, "
             "safe_serialization=True), then register out"
         )
-    raise InvalidInput(f"{root} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {ONNX_FILE}")
+    raise InvalidInput(f"{shown} has no weights: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or {ONNX_FILE}")
 
 
 def _modules(root: Path) -> tuple[Pooling, bool, int | None]:
     """(pooling, normalize, embedding dimension) from modules.json and the pooling config."""
+    shown = root.name or "the model directory"
     if not (root / "modules.json").is_file():
         return "mean", True, None
     try:
         modules = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-        entries = [(str(m["type"]).rsplit(".", 1)[-1], str(m.get("path", ""))) for m in modules]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InvalidInput(f"{root}/modules.json is not a sentence-transformers module list: {exc}") from exc
+        entries = [(str(m["type"]).rsplit(".", 1)[-1], m.get("path", "")) for m in modules]
+    except OSError as exc:
+        raise InvalidInput(f"{shown}/modules.json cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise InvalidInput(f"{shown}/modules.json is not a sentence-transformers module list: {brief(exc)}") from None
     unknown = [kind for kind, _ in entries if kind not in _MODULES]
     if unknown:
         raise InvalidInput(
-            f"{root}/modules.json lists {', '.join(unknown)}; maas runs {', '.join(_MODULES)} modules only"
+            f"{shown}/modules.json lists {', '.join(unknown)}; maas runs {', '.join(_MODULES)} modules only"
+        )
+    escaping = [str(p)[:100] for _, p in entries if p != "" and not _inside(root, p)]
+    if escaping:
+        raise InvalidInput(
+            f"{shown}/modules.json names module paths {escaping!r} that are not folders inside the model directory; "
+            "give each module a relative path such as 1_Pooling"
         )
     pooling: Pooling = "mean"
     dimension = None
-    pool_dir = next((p for kind, p in entries if kind == "Pooling"), None)
+    pool_dir = next((str(p) for kind, p in entries if kind == "Pooling"), None)
     if pool_dir is not None and (root / pool_dir / "config.json").is_file():
-        pool = _json(root / pool_dir / "config.json")
+        pool = _json(root / pool_dir / "config.json", f"{pool_dir}/config.json")
         modes = [mode for key, mode in _POOLINGS.items() if pool.get(key)]
         others = [k for k, v in pool.items() if k.startswith("pooling_mode_") and v and k not in _POOLINGS]
         if len(modes) != 1 or others:
             raise InvalidInput(
-                f"{root}/{pool_dir}/config.json enables {', '.join(modes + others) or 'no pooling mode'}; "
+                f"{shown}/{pool_dir}/config.json enables {', '.join(modes + others) or 'no pooling mode'}; "
                 "maas runs exactly one of mean, cls or max pooling"
             )
         pooling = modes[0]  # type: ignore[assignment]
@@ -181,6 +225,13 @@ class Tokenizer:
     ``[len(texts), longest]`` arrays: truncated to the model's ``max_seq_length``, padded to the longest
     text. The settings are fixed here once and never changed afterwards, so threads may share one
     instance (the Rust tokenizer only refuses concurrent use while its settings change).
+
+    A long text is cut before it is tokenized (tokenizing is linear in the text, in time and memory, and
+    all but ``max_length`` tokens are thrown away): first to ``max_length`` times the longest vocabulary
+    token, plus some slack, which holds more tokens than the model uses unless most of the text yields
+    none (whitespace, accents). The cut is kept only when the tokens kept all come from words before the
+    last word of the cut text, so the cut did not change them; else the text is cut four times longer,
+    up to ``_MAX_GROWTH`` times the first cut, where the cut is kept whatever it holds.
     """
 
     def __init__(self, directory: Path) -> None:
@@ -190,27 +241,59 @@ class Tokenizer:
         try:
             tok = _RustTokenizer.from_file(str(info.root / "tokenizer.json"))
         except Exception as exc:
-            raise InvalidInput(f"{info.root}/tokenizer.json is not a tokenizers file: {exc}") from exc
+            raise InvalidInput(f"tokenizer.json is not a tokenizers file: {brief(exc)}") from None
         # tokenizer.json often carries fixed-length padding and another truncation length (MiniLM: 128).
         tok.enable_truncation(max_length=info.max_length)
-        pad_token = _pad_token(info.root, tok)
-        tok.enable_padding(pad_id=tok.token_to_id(pad_token) or 0, pad_token=pad_token)  # to the longest text
+        tok.no_padding()  # encode() pads, to the longest text
+        self._pad_id = tok.token_to_id(_pad_token(info.root, tok)) or 0
+        longest = max((len(t) for t in tok.get_vocab()), default=1)
+        self._cut = info.max_length * max(longest, 1) + _CUT_SLACK
         self._tok = tok
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        if self._lowercase:
-            texts = [t.lower() for t in texts]
-        encodings = self._tok.encode_batch(list(texts))
-        width = len(encodings[0].ids) if encodings else 0
+    def _encode(self, texts: Sequence[str]) -> list[Encoding]:
+        limits = [self._cut] * len(texts)
+        out: list[Encoding] = [None] * len(texts)  # type: ignore[list-item]
+        todo = list(range(len(texts)))
+        while todo:
+            pieces = [texts[i][: limits[i]] for i in todo]
+            if self._lowercase:  # after the cut: lower() of the whole text would copy all of it
+                pieces = [p.lower() for p in pieces]
+            for i, encoding in zip(todo, self._tok.encode_batch(pieces), strict=True):
+                out[i] = encoding
+            todo = [
+                i
+                for i in todo
+                if len(texts[i]) > limits[i] and limits[i] < self._cut * _MAX_GROWTH and not _cut_is_unseen(out[i])
+            ]
+            for i in todo:
+                limits[i] *= 4
+        return out
 
-        def column(rows: list[list[int]]) -> np.ndarray:
-            return np.array(rows, dtype=np.int64).reshape(len(rows), width)
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        encodings = self._encode(texts)
+        width = max((len(e.ids) for e in encodings), default=0)
+
+        def column(rows: list[list[int]], pad: int) -> np.ndarray:
+            array = np.full((len(rows), width), pad, dtype=np.int64)
+            for row, values in zip(array, rows, strict=True):
+                row[: len(values)] = values
+            return array
 
         return {
-            "input_ids": column([e.ids for e in encodings]),
-            "attention_mask": column([e.attention_mask for e in encodings]),
-            "token_type_ids": column([e.type_ids for e in encodings]),
+            "input_ids": column([e.ids for e in encodings], self._pad_id),
+            "attention_mask": column([e.attention_mask for e in encodings], 0),
+            "token_type_ids": column([e.type_ids for e in encodings], 0),
         }
+
+
+def _cut_is_unseen(encoding: Encoding) -> bool:
+    """True when every kept token of a cut text's encoding comes from a word before the cut text's last word
+    (the one the cut may have split), so the whole text starts with the same tokens."""
+    if not encoding.overflowing:
+        return False  # all of the cut text fits: the rest of the text might have added tokens
+    kept = [w for w in encoding.word_ids if w is not None]
+    rest = [w for o in encoding.overflowing for w in o.word_ids if w is not None]
+    return bool(kept) and bool(rest) and max(kept) < max(rest)
 
 
 def _pad_token(root: Path, tok: _RustTokenizer) -> str:
@@ -318,7 +401,7 @@ def _check_onnx(info: ModelDir) -> int:
     out = sig.output("embedding")
     if extra or out is None or len(out.shape) != 2 or out.datatype != "FP32":
         raise InvalidInput(
-            f"{path} takes {', '.join(s.name for s in sig.inputs)} and returns "
+            f"{ONNX_FILE} takes {', '.join(s.name for s in sig.inputs)} and returns "
             f"{', '.join(s.describe() for s in sig.outputs)}; maas serves ONNX graphs that take "
             f"{', '.join(FEED_NAMES)} and return embedding FP32 [-1, hidden]: write one with "
             "maas.runtimes.hf_export.export_onnx"

@@ -2,12 +2,17 @@
 
 The signature is read from the graph with the ``onnx`` package (initializers are weights, not inputs);
 the model runs in an ``onnxruntime.InferenceSession`` on the CPU or, when asked and available, CUDA.
+
+The registry stores one file, so a model is that file and nothing else: tensors kept in external data
+files (which onnxruntime would read from any path the model names) are refused. The session is built
+from the file's bytes, never its path, and :meth:`OnnxFormat.inspect` builds one too, so a graph that
+onnxruntime cannot load (an unknown operator, a bad opset) is refused at registration, not when served.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from maas.errors import InvalidInput
-from maas.runtimes.base import resolve_device, select_outputs
+from maas.runtimes.base import brief, resolve_device, select_outputs
 from maas.tensors import Signature, TensorSpec
 
 logger = logging.getLogger(__name__)
@@ -72,15 +77,80 @@ def _signature(model: onnx.ModelProto, path: Path) -> Signature:
     )
 
 
-def _read(path: Path) -> onnx.ModelProto:
+def _read(path: Path) -> tuple[bytes, onnx.ModelProto]:
+    """The file's bytes (read once: the session is built from the very bytes that were checked) and its model."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # DecodeError, OSError, …: all mean the same to the caller
-        raise InvalidInput(f"{path.name} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        data = path.read_bytes()
+        model = onnx.load_model_from_string(data)
+    except OSError as exc:
+        raise InvalidInput(f"{path.name} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    except Exception as exc:  # DecodeError, …: all mean the same to the caller
+        raise InvalidInput(f"{path.name} is not a readable ONNX model ({brief(exc)})") from None
     # Protobuf parses many short byte strings (an empty file among them) as a valid, empty message.
     if not model.ir_version or not model.graph.output:
         raise InvalidInput(f"{path.name} is not an ONNX model: it has no IR version or no graph outputs")
-    return model
+    _refuse_external_data(model, path)
+    return data, model
+
+
+def _tensors(model: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """(where, tensor) for every tensor stored in the model: initializers, sparse initializers and tensor
+    attributes, in the main graph, every subgraph, every local function and the training info."""
+    graphs: list[onnx.GraphProto] = [model.graph]
+    for info in model.training_info:
+        graphs += [info.initialization, info.algorithm]
+    nodes: list[onnx.NodeProto] = [n for f in model.functions for n in f.node]
+    while graphs or nodes:
+        if graphs:
+            graph = graphs.pop()
+            for tensor in graph.initializer:
+                yield f"initializer {tensor.name!r}", tensor
+            for sparse in graph.sparse_initializer:
+                yield f"sparse initializer {sparse.values.name!r}", sparse.values
+                yield f"sparse initializer {sparse.values.name!r}", sparse.indices
+            nodes.extend(graph.node)
+            continue
+        node = nodes.pop()
+        for attr in node.attribute:
+            where = f"attribute {attr.name!r} of node {node.name or node.op_type!r}"
+            if attr.HasField("t"):
+                yield where, attr.t
+            for tensor in attr.tensors:
+                yield where, tensor
+            for sparse in [*([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []), *attr.sparse_tensors]:
+                yield where, sparse.values
+                yield where, sparse.indices
+            if attr.HasField("g"):
+                graphs.append(attr.g)
+            graphs.extend(attr.graphs)
+
+
+def _refuse_external_data(model: onnx.ModelProto, path: Path) -> None:
+    for where, tensor in _tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            raise InvalidInput(
+                f"{path.name}: the {where} keeps its data in an external file; maas stores a model as one "
+                "file, so save it with its weights inside: onnx.save(onnx.load(path), out, "
+                "save_as_external_data=False) (models up to 2 GiB), then register out"
+            )
+
+
+def _session(
+    data: bytes, path: Path, providers: Sequence[str], optimization: ort.GraphOptimizationLevel
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = optimization
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(data, sess_options=options, providers=list(providers))
+    except Exception as exc:
+        raise InvalidInput(
+            f"onnxruntime {ort.__version__} cannot load {path.name}: {brief(exc, limit=600)}. Every operator must "
+            "be a standard ONNX (or onnxruntime contrib) operator at an opset this onnxruntime supports; "
+            "re-export the model, or check it with onnx.checker.check_model"
+        ) from None
 
 
 def _to_ort(name: str, value: np.ndarray) -> np.ndarray:
@@ -140,23 +210,21 @@ class OnnxFormat:
     suffixes: tuple[str, ...] = (".onnx",)
 
     def inspect(self, path: Path) -> Signature:
-        return _signature(_read(path), path)
+        data, model = _read(path)
+        signature = _signature(model, path)
+        # A session (unoptimised: quick) proves that onnxruntime can load every operator of the graph.
+        _session(data, path, ["CPUExecutionProvider"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        return signature
 
     def load(self, path: Path, *, device: str = "cpu") -> OnnxRuntime:
-        signature = self.inspect(path)
+        data, model = _read(path)
+        signature = _signature(model, path)
+        del model
         want = resolve_device(
             device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers(), runtime="onnxruntime"
         )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want == "cuda" else ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
-        options.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
-        except Exception as exc:
-            raise InvalidInput(f"onnxruntime cannot load {path.name}: {exc}") from exc
+        session = _session(data, path, providers, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if used != want:
             logger.warning("%s: the CUDA provider failed to start; running on the CPU", path.name)
