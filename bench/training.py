@@ -120,7 +120,7 @@ def strategy_windows(strategy: dict[str, Any], nproc: int) -> list[tuple[float, 
     with tempfile.TemporaryDirectory(prefix="maas-bench-") as home:
         registry = Registry(home=Path(home))
         run = train(config, nproc_per_node=nproc, registry=registry)
-        steps = registry.run_steps(run.id)
+        steps = registry.runs.run_steps(run.id)
     return [
         (before.at.timestamp(), after.at.timestamp(), after.samples_per_s)
         for before, after in itertools.pairwise(steps)

@@ -13,12 +13,19 @@ from maas.registry import Registry
 TIERS = {"unit", "integration", "e2e", "security"}
 
 
+#: Per-test limit of tests marked slow that set none of their own: room for a loaded 2-core machine.
+SLOW_TIMEOUT_S = 900
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test by its folder (tests/unit, tests/integration, tests/e2e, tests/security)."""
+    """Mark each test by its folder (tests/unit, tests/integration, tests/e2e, tests/security); give slow tests
+    a larger time limit than the default unless they set one."""
     for item in items:
         for part in Path(str(item.fspath)).parts:
             if part in TIERS:
                 item.add_marker(getattr(pytest.mark, part))
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
 
 
 @pytest.fixture

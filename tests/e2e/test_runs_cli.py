@@ -21,15 +21,15 @@ def maas(env: dict[str, str], *args: str, ok: bool = True) -> subprocess.Complet
 @pytest.fixture
 def runs(registry: Registry) -> list[Run]:
     """A failed single-process run, then a succeeded DDP run with steps, a checkpoint and a model."""
-    failed = registry.create_run({"lr": 0.1}, strategy="single", world_size=1, name="first")
-    registry.start_run(failed.id)
-    registry.finish_run(failed.id, status="failed", error="CUDA error: [out of memory]")
-    good = registry.create_run({"lr": 0.01, "model": {"hidden": 32}}, strategy="ddp", world_size=2, name="second")
-    registry.start_run(good.id)
-    registry.log_run_steps(good.id, [(s, 1.0 / s, 500.0, 0.01) for s in range(1, 31)])
-    registry.add_run_checkpoint(good.id, 30, "/ckpt/step-30")
-    registry.finish_run(good.id, status="succeeded", eval_metrics={"accuracy": 0.97}, model_uri="models:/digits/1")
-    return [registry.get_run(failed.id), registry.get_run(good.id)]
+    failed = registry.runs.create_run({"lr": 0.1}, strategy="single", world_size=1, name="first")
+    registry.runs.start_run(failed.id)
+    registry.runs.finish_run(failed.id, status="failed", error="CUDA error: [out of memory]")
+    good = registry.runs.create_run({"lr": 0.01, "model": {"hidden": 32}}, strategy="ddp", world_size=2, name="second")
+    registry.runs.start_run(good.id)
+    registry.runs.log_run_steps(good.id, [(s, 1.0 / s, 500.0, 0.01) for s in range(1, 31)])
+    registry.runs.add_run_checkpoint(good.id, 30, "/ckpt/step-30")
+    registry.runs.finish_run(good.id, status="succeeded", eval_metrics={"accuracy": 0.97}, model_uri="models:/digits/1")
+    return [registry.runs.get_run(failed.id), registry.runs.get_run(good.id)]
 
 
 def test_runs_list_and_show(cli_env: dict[str, str], runs: list[Run]) -> None:

@@ -43,7 +43,7 @@ def test_bad_config_fails_before_launch(
     assert "Traceback" not in proc.stderr
     assert not (home / "runs").exists()
     if (home / "maas.db").exists():
-        assert Registry().list_runs() == []
+        assert Registry().runs.list_runs() == []
 
 
 def test_resume_of_unknown_run(cli_env: dict[str, str]) -> None:

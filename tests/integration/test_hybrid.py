@@ -80,7 +80,7 @@ def test_hybrid_2x2_equals_single(
     assert run.eval_metrics is not None and want_run.eval_metrics is not None
     assert run.eval_metrics["final_loss"] == pytest.approx(want_run.eval_metrics["final_loss"], abs=1e-5)
     assert run.eval_metrics["logit_energy"] == pytest.approx(want_run.eval_metrics["logit_energy"], rel=1e-5)
-    assert [e.step for e in Registry(home=home).run_evals(run.id)] == [2, 4]
+    assert [e.step for e in Registry(home=home).runs.run_evals(run.id)] == [2, 4]
 
 
 def test_hybrid_2x2_trains_digits_to_accuracy(tmp_path: Path) -> None:

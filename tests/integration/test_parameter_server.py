@@ -57,7 +57,7 @@ def test_sync_with_two_servers_equals_ddp(tmp_path: Path) -> None:
         torch.testing.assert_close(got[key], ddp[key], atol=1e-5, rtol=0, msg=key)
     assert not torch.equal(ddp["model.0.weight"], mlp(HIDDEN).state_dict()["0.weight"])  # it did train
     assert run.last_step == 20 and run.world_size == 4
-    assert [e.step for e in Registry(home=b).run_evals(run.id)] == [10, 20]
+    assert [e.step for e in Registry(home=b).runs.run_evals(run.id)] == [10, 20]
     assert run.eval_metrics == pytest.approx(reference, abs=1e-5)  # accuracy, and the loss averaged over workers
     recorded = clocks(b)
     assert {r["server"] for r in recorded["records"]} == {0, 1}

@@ -66,10 +66,10 @@ def test_sigkilled_worker_resumes_to_the_same_parameters(tmp_path: Path, restart
         assert proc.returncode == 0, out  # the elastic agent restarted the workers, which resumed
     else:
         assert proc.returncode == 1 and "--resume" in out, out
-        assert Registry(home=home).get_run(run_id).status == "failed"
+        assert Registry(home=home).runs.get_run(run_id).status == "failed"
         finished(start(home, None, "--resume", run_id[:8], "--nproc-per-node", "2"))
     assert_same_params(final_params(home, run_id), want, atol=0)
-    run = Registry(home=home).get_run(run_id)
+    run = Registry(home=home).runs.get_run(run_id)
     assert run.status == "succeeded" and run.last_step == 300
 
 
@@ -97,7 +97,7 @@ def test_published_run_is_served_with_its_recorded_accuracy(tmp_path: Path) -> N
     assert mv.lineage.extra["config_hash"] == run.config_hash
     assert mv.lineage.extra["dataset_fingerprint"].startswith("sha256:")
     assert mv.metrics["accuracy"] == run.eval_metrics["accuracy"] >= 0.9
-    evals = reg.run_evals(run.id)  # during training every 50 steps, and at the end
+    evals = reg.runs.run_evals(run.id)  # during training every 50 steps, and at the end
     assert [e.step for e in evals] == [50, 100, 150, 200]
     assert evals[-1].metrics == {"accuracy": run.eval_metrics["accuracy"]}
     assert evals[0].metrics["accuracy"] < evals[-1].metrics["accuracy"]

@@ -57,7 +57,7 @@ def finished(proc: subprocess.Popen[str], timeout: float = TIMEOUT) -> str:
 
 
 def only_run(home: Path) -> Run:
-    runs = Registry(home=home).list_runs()
+    runs = Registry(home=home).runs.list_runs()
     assert len(runs) == 1, runs
     return runs[0]
 

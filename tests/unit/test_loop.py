@@ -22,6 +22,7 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self.evals: list[tuple[int, dict[str, float]]] = []
+        self.runs = self  # the loop writes through registry.runs
 
     def log_run_steps(self, run_id: str, steps: list[object]) -> None:
         pass

@@ -4,7 +4,7 @@ import pytest
 
 from maas.errors import ArtifactIntegrityError, Conflict, InvalidInput, NotFound
 from maas.registry import Registry
-from maas.registry.store import SCHEMA_HEAD
+from maas.registry.sql.engine import SCHEMA_HEAD
 from maas.testing.models import make_linear_model, make_multi_io_model
 
 

@@ -107,7 +107,7 @@ def test_bad_launch_arguments_are_refused_before_a_run_is_recorded(
         train(with_(), registry=registry, **args)  # type: ignore[arg-type]
     for w in words:
         assert w in str(info.value), str(info.value)
-    assert registry.list_runs() == []
+    assert registry.runs.list_runs() == []
 
 
 def test_yaml_errors_are_reported(tmp_path: Path) -> None:

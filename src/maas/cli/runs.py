@@ -61,7 +61,7 @@ def list_runs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List training runs, newest first."""
-    runs = Registry().list_runs(limit=limit, status=status)
+    runs = Registry().runs.list_runs(limit=limit, status=status)
     if as_json:
         print_json([r.to_dict() for r in runs])
         return
@@ -96,10 +96,10 @@ def show(
 ) -> None:
     """Show a run: its config, step metrics, evaluations, checkpoints and the model it published."""
     reg = Registry()
-    run = reg.get_run(run_id)
-    all_steps = reg.run_steps(run.id)
-    evals = reg.run_evals(run.id)
-    checkpoints = reg.run_checkpoints(run.id)
+    run = reg.runs.get_run(run_id)
+    all_steps = reg.runs.run_steps(run.id)
+    evals = reg.runs.run_evals(run.id)
+    checkpoints = reg.runs.run_checkpoints(run.id)
     if as_json:
         print_json(
             {

@@ -21,6 +21,7 @@ def train(
 ) -> None:
     """Train a model (single, ddp, …), checkpointing as it goes, and publish it to the registry."""
     from maas.cli.output import console
+    from maas.cli.train_progress import RICH_PROGRESS
     from maas.training.launch import train as run_training
 
     run = run_training(
@@ -32,6 +33,7 @@ def train(
         rdzv_id=rdzv_id,
         resume=resume,
         max_restarts=max_restarts,
+        progress=RICH_PROGRESS,  # drawn by the worker that reports, on this terminal
     )
     metrics = ", ".join(f"{k}={v:.4f}" for k, v in run.eval_metrics.items()) or "-"
     console.print(f"run [bold]{run.id}[/] {run.status}: {run.strategy} on {run.world_size} process(es); {metrics}")

@@ -21,10 +21,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
-from maas.errors import InvalidInput
+from maas import configfile
 from maas.imports import check_import_path
 
 STEP_TYPES = ("prune", "quantize", "distill", "export")
@@ -159,51 +159,21 @@ class Recipe(_Strict):
     description: str = ""
 
 
-def _where(loc: tuple[Any, ...]) -> str:
-    # pydantic puts the discriminator's value in the location (steps.0.prune.amount): drop it.
-    parts = [str(p) for p in loc if p not in STEP_TYPES]
-    return ".".join(parts) or "(top level)"
-
-
-def _format(exc: ValidationError, source: str) -> str:
-    lines = [f"{source} is not a valid recipe:"]
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        where = _where(loc)
-        kind = err["type"]
-        if kind == "union_tag_invalid":
-            tag = err.get("ctx", {}).get("tag")
-            lines.append(f"  - {where}: unknown step type {tag!r}; valid step types: {', '.join(STEP_TYPES)}")
-        elif kind == "union_tag_not_found":
-            lines.append(f"  - {where}: a step needs a 'type' ({', '.join(STEP_TYPES)})")
-        elif kind == "extra_forbidden":
-            lines.append(f"  - unknown key {where!r}; remove it or check its spelling")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            shown = err.get("input")
-            got = "" if isinstance(shown, dict | list) or "input" not in err else f" (got {shown!r})"
-            lines.append(f"  - {where}: {msg}{got}")
-    return "\n".join(lines)
+def _explain(err: ErrorDetails) -> str | None:
+    """A step's ``type`` in the recipe's own words; every other problem in the loader's."""
+    if err["type"] == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag")
+        return f"unknown step type {tag!r}; valid step types: {', '.join(STEP_TYPES)}"
+    if err["type"] == "union_tag_not_found":
+        return f"a step needs a 'type' ({', '.join(STEP_TYPES)})"
+    return None
 
 
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    if isinstance(data, list):
-        data = {"steps": data}
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{source} must be a YAML mapping with 'steps' (a list of steps), or a list of steps")
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(_format(exc, source)) from None
+    """Validate an already loaded recipe: a mapping with ``steps``, or a list of steps."""
+    return configfile.parse(data, Recipe, what="recipe", source=source, list_key="steps", explain=_explain)
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe (``yaml.safe_load`` only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"recipe file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
-    return parse_recipe(data, str(path))
+    """Read and validate a YAML recipe (``yaml.safe_load`` only); errors name the file and line."""
+    return configfile.load(path, Recipe, what="recipe", list_key="steps", explain=_explain)

@@ -30,13 +30,13 @@ from pathlib import Path
 from maas.registry import inuse
 from maas.registry.artifacts import ArtifactStore
 from maas.registry.entities import Debris, GcResult
-from maas.registry.store import SqlStore
+from maas.registry.store import MetadataStore
 
 log = logging.getLogger(__name__)
 
 #: An extraction folder untouched (no file in it written) for this long belongs to a load that died.
 EXTRACTION_GRACE_S = 3600.0
-#: How ``maas.runtimes.hf_archive`` names a registry artifact's extraction: ``<sha256 hex>-<size>``.
+#: How ``maas.runtimes.hf.archive`` names a registry artifact's extraction: ``<sha256 hex>-<size>``.
 _CACHE_NAME = re.compile(r"([0-9a-f]{64})-[0-9]+")
 #: A cache folder renamed for removal; only a collector (holding the exclusive guard) makes these.
 _DOOMED = ".gc-"
@@ -48,14 +48,14 @@ class _Found:
     remove: Callable[[], bool]  # False when it turned out to be in use
 
 
-def find(store: SqlStore, artifacts: ArtifactStore, home: Path) -> list[Debris]:
+def find(store: MetadataStore, artifacts: ArtifactStore, home: Path) -> list[Debris]:
     """Every piece of debris, removing nothing."""
     with artifacts.guard(exclusive=True):
         found, _ = _scan(store, artifacts, home)
     return [f.debris for f in found]
 
 
-def collect(store: SqlStore, artifacts: ArtifactStore, home: Path, *, dry_run: bool = False) -> GcResult:
+def collect(store: MetadataStore, artifacts: ArtifactStore, home: Path, *, dry_run: bool = False) -> GcResult:
     """Remove every piece of debris (with ``dry_run``, only say what would go)."""
     with artifacts.guard(exclusive=True):
         found, in_use = _scan(store, artifacts, home)
@@ -70,7 +70,7 @@ def collect(store: SqlStore, artifacts: ArtifactStore, home: Path, *, dry_run: b
     return GcResult(removed=tuple(removed), in_use=in_use, dry_run=dry_run)
 
 
-def _scan(store: SqlStore, artifacts: ArtifactStore, home: Path) -> tuple[list[_Found], int]:
+def _scan(store: MetadataStore, artifacts: ArtifactStore, home: Path) -> tuple[list[_Found], int]:
     """What to remove, and how many temporaries were left because a process holds (or may hold) them."""
     now = time.time()
     referenced = store.referenced_digests()

@@ -4,30 +4,26 @@ from __future__ import annotations
 
 import getpass
 import logging
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from maas import envs
 from maas.errors import ArtifactIntegrityError, InvalidInput, NotFound
 from maas.registry import debris
 from maas.registry.artifacts import ArtifactStore, LocalArtifactStore
+from maas.registry.deprecated import DeprecatedRunMethods
 from maas.registry.entities import (
     AliasEvent,
     GcResult,
     Lineage,
     ModelVersion,
     RegisteredModel,
-    Run,
-    RunCheckpoint,
-    RunEval,
-    RunStep,
     ServingTarget,
     VerifyReport,
     VerifyResult,
 )
-from maas.registry.runs import RunStore, StepLike
-from maas.registry.store import SqlStore
+from maas.registry.runs import RunStore
+from maas.registry.store import MetadataStore, open_store
 from maas.registry.uri import LATEST, ModelRef, parse_ref, validate_alias, validate_name
 from maas.tensors import Signature
 
@@ -58,8 +54,8 @@ def _metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-class Registry:
-    """Registered models, their numbered versions, aliases and lineage.
+class Registry(DeprecatedRunMethods):
+    """Registered models, their numbered versions, aliases and lineage; training runs in :attr:`runs`.
 
     ``Registry()`` opens the embedded default (SQLite under ``MAAS_HOME``, or ``MAAS_DATABASE_URL``)
     and brings its schema up to date. Safe to use from several threads and processes at once.
@@ -77,9 +73,10 @@ class Registry:
         if url is None:
             self.home.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{self.home / 'maas.db'}"
-        self.store = SqlStore(url, busy_timeout_s=float(envs.MAAS_DB_BUSY_TIMEOUT_S))
+        self.store: MetadataStore = open_store(url, busy_timeout_s=float(envs.MAAS_DB_BUSY_TIMEOUT_S))
         self.artifacts: ArtifactStore = artifacts or LocalArtifactStore(self.home / "artifacts")
-        self.runs = RunStore(self.store)
+        #: Training runs: create, log to and read them here (``registry.runs.create_run(...)``).
+        self.runs: RunStore = self.store.runs
 
     # --- entering ------------------------------------------------------------------------------
 
@@ -291,63 +288,3 @@ class Registry:
         """Every existing (name, version) and its artifact digest; lets a server drop what was deleted or
         replaced (a model deleted and registered again reuses its version numbers)."""
         return self.store.version_digests()
-
-    # --- training runs -------------------------------------------------------------------------
-
-    def create_run(
-        self,
-        config: Mapping[str, object],
-        *,
-        strategy: str,
-        world_size: int,
-        name: str | None = None,
-        run_id: str | None = None,
-    ) -> Run:
-        """Record a new training run (status ``created``) with a fresh id; ``config`` must be plain JSON
-        values and is hashed as canonical JSON into ``config_hash``. With ``run_id``, the run of that id,
-        created if absent (the nodes of a multi-node job share one; a different config is a ``Conflict``)."""
-        return self.runs.create_run(config, strategy=strategy, world_size=world_size, name=name, run_id=run_id)
-
-    def start_run(self, run_id: str) -> Run:
-        """Mark a run ``running``; a resumed run keeps its first ``started_at``. A succeeded run cannot restart."""
-        return self.runs.start_run(run_id)
-
-    def finish_run(
-        self,
-        run_id: str,
-        *,
-        status: str,
-        error: str | None = None,
-        eval_metrics: Mapping[str, float] | None = None,
-        model_uri: str | None = None,
-    ) -> Run:
-        """End a run as ``succeeded``, ``failed`` or ``interrupted``, with what it measured and published."""
-        return self.runs.finish_run(run_id, status=status, error=error, eval_metrics=eval_metrics, model_uri=model_uri)
-
-    def log_run_steps(self, run_id: str, steps: Iterable[StepLike]) -> int:
-        """Record step metrics in one transaction; a step logged again (after a resume) replaces the old one."""
-        return self.runs.log_run_steps(run_id, steps)
-
-    def log_run_eval(self, run_id: str, step: int, metrics: Mapping[str, float]) -> RunEval:
-        """Record the evaluation metrics after ``step`` (the same step again replaces them)."""
-        return self.runs.log_run_eval(run_id, step, metrics)
-
-    def add_run_checkpoint(self, run_id: str, step: int, path: str | os.PathLike[str]) -> RunCheckpoint:
-        return self.runs.add_run_checkpoint(run_id, step, path)
-
-    def get_run(self, run_id: str) -> Run:
-        """A run by its id or a unique prefix of at least 6 hex digits."""
-        return self.runs.get_run(run_id)
-
-    def list_runs(self, limit: int = 50, status: str | None = None) -> list[Run]:
-        """Runs, newest first, optionally only those with ``status``."""
-        return self.runs.list_runs(limit=limit, status=status)
-
-    def run_steps(self, run_id: str) -> list[RunStep]:
-        return self.runs.run_steps(run_id)
-
-    def run_evals(self, run_id: str) -> list[RunEval]:
-        return self.runs.run_evals(run_id)
-
-    def run_checkpoints(self, run_id: str) -> list[RunCheckpoint]:
-        return self.runs.run_checkpoints(run_id)

@@ -1,4 +1,4 @@
-"""ORM tables of the registry. These classes never leave :mod:`maas.registry.store`; the schema is
+"""ORM tables of the registry. These classes never leave :mod:`maas.registry.sql`; the schema is
 created and changed only by the Alembic migrations in ``migrations/``."""
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ from types import TracebackType
 
 import httpx
 
+from maas.testing import processes
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -50,7 +52,8 @@ class RemoteServer:
 
     def start(self) -> RemoteServer:
         cmd = [sys.executable, "-m", "maas", "serve", "--port", str(self.port), *self.args]
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        # Its own session, killed at interpreter exit at the latest: a failed or timed-out test leaves no server.
+        self.proc = processes.popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout_s
         path = "/v2/health/ready" if self.wait_ready else "/v2/health/live"
         while time.monotonic() < deadline:
@@ -77,8 +80,8 @@ class RemoteServer:
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+            processes.kill_group(self.proc)
         self._log.close()
 
     def __enter__(self) -> RemoteServer:

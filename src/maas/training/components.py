@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from maas.training.config import EvalConfig, OptimizerConfig, RegularizationConfig, ScheduleConfig
 from maas.imports import resolve
+from maas.training.config import EvalConfig, OptimizerConfig, RegularizationConfig, ScheduleConfig
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """The training config: one pydantic model per component, YAML in, unknown keys rejected.
 
-``load_config`` turns every mistake into one ``InvalidInput`` that lists each problem with where it is,
-what was wrong and the valid choices, before any process is launched.
+``load_config`` (through :mod:`maas.configfile`) turns every mistake into one ``InvalidInput`` that lists each
+problem with its key, its line, what was wrong and the valid choices, before any process is launched.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from maas import configfile
 from maas.errors import InvalidInput
+from maas.imports import check_import_path, resolve
 from maas.registry.runs import config_hash
 from maas.registry.uri import validate_alias, validate_name
-from maas.imports import check_import_path, resolve
 
 ImportPath = Annotated[str, Field(description="package.module:attribute")]
 
@@ -271,54 +271,11 @@ class TrainConfig(_Strict):
         return config_hash(self.to_json())
 
 
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return list(model.model_fields)
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: type[BaseModel] = TrainConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not candidates:
-            return None
-        model = candidates[0]
-    return model
-
-
-def format_errors(exc: ValidationError, source: str) -> str:
-    lines = [f"{source} is not a valid training config:"]
-    for err in exc.errors():
-        loc = tuple(err["loc"])
-        where = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            valid = f"; valid keys: {', '.join(_field_names(parent))}" if parent else ""
-            lines.append(f"  - unknown key {where!r}{valid}")
-        else:
-            lines.append(f"  - {where}: {err['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(data: Any, source: str = "config") -> TrainConfig:
-    if not isinstance(data, dict):
-        raise InvalidInput(f"{source} must be a YAML mapping of keys (model, data, batch_size, …)")
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(format_errors(exc, source)) from None
+    """Validate an already loaded config (a mapping); ``source`` names it in the error."""
+    return configfile.parse(data, TrainConfig, what="training config", source=source)
 
 
 def load_config(path: str | Path) -> TrainConfig:
-    """Read and validate a YAML config (``yaml.safe_load`` only)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidInput(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InvalidInput(f"{path} is not valid YAML: {exc}") from None
-    return parse_config(data, str(path))
+    """Read and validate a YAML config file (``yaml.safe_load`` only); errors name the file and line."""
+    return configfile.load(path, TrainConfig, what="training config")

@@ -16,6 +16,7 @@ from typing import Any
 
 from maas import envs
 from maas.errors import InvalidInput, MaasError
+from maas.imports import resolve
 from maas.registry import Registry
 from maas.registry.entities import Run
 from maas.training.config import TrainConfig, load_config, parse_config
@@ -48,6 +49,7 @@ def train(
     resume: str | None = None,
     max_restarts: int = 0,
     registry: Registry | None = None,
+    progress: str | None = None,
 ) -> Run:
     """Run a training job to its end and return its record. ``resume`` continues a run (by id or unique
     prefix) from its last complete checkpoint, with the config it was started with.
@@ -56,6 +58,10 @@ def train(
     derive one run id from the endpoint and ``rdzv_id`` (default: the config's hash), so they share one run
     folder (``MAAS_RUNS_DIR`` on a shared filesystem) and, with a shared database, one record. A node that
     finds the run already recorded joins it; a job that already succeeded needs a new ``rdzv_id``.
+
+    ``progress`` is the import path (``package.module:attribute``) of a :class:`~maas.training.loop.Progress`
+    factory: the worker that reports builds one and tells it how far the run is (``maas train`` passes its
+    progress bar). None: nothing is drawn; the steps are recorded on the run either way.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -64,6 +70,8 @@ def train(
 
     if nproc_per_node < 1 or nnodes < 1:
         raise InvalidInput("--nproc-per-node and --nnodes must be at least 1")
+    if progress is not None:
+        resolve(progress, "progress")  # a wrong path fails here, not in every worker
     if node_rank is not None and not 0 <= node_rank < nnodes:
         raise InvalidInput(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
     if nnodes > 1 and not rdzv_endpoint:
@@ -76,7 +84,7 @@ def train(
     registry = registry or Registry()
     world_size = nproc_per_node * nnodes
     if resume is not None:
-        run = registry.get_run(resume)
+        run = registry.runs.get_run(resume)
         if run.status == "succeeded":
             raise InvalidInput(f"run {run.id} already succeeded; start a new run instead of resuming it")
         cfg = parse_config(run.config, f"run {run.id}")
@@ -93,7 +101,7 @@ def train(
         if nnodes > 1:
             job = f"{rdzv_endpoint}|{rdzv_id or cfg.config_hash()}"
             job_id = hashlib.sha256(job.encode()).hexdigest()[:32]
-        run = registry.create_run(
+        run = registry.runs.create_run(
             cfg.to_json(), strategy=cfg.strategy.name, world_size=world_size, name=cfg.name, run_id=job_id
         )
         if run.status == "succeeded":
@@ -107,7 +115,7 @@ def train(
 
     run_dir = runs_dir(registry) / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
-    registry.start_run(run.id)
+    registry.runs.start_run(run.id)
     launch_config = LaunchConfig(
         min_nodes=nnodes,
         max_nodes=nnodes,
@@ -124,25 +132,25 @@ def train(
     try:
         with _threads_per_worker(nproc_per_node):
             results = elastic_launch(launch_config, worker.main)(
-                cfg.to_json(), run.id, str(run_dir), str(registry.home)
+                cfg.to_json(), run.id, str(run_dir), str(registry.home), progress
             )
     except ChildFailedError as exc:
-        registry.finish_run(run.id, status="failed", error=_failure(exc))
+        registry.runs.finish_run(run.id, status="failed", error=_failure(exc))
         raise MaasError(
             f"training run {run.id} failed: {_failure(exc)}; fix the cause and continue it with "
             f"`maas train --resume {run.id}`"
         ) from None
     except KeyboardInterrupt:
-        registry.finish_run(run.id, status="interrupted", error="interrupted")
+        registry.runs.finish_run(run.id, status="interrupted", error="interrupted")
         raise
     except BaseException as exc:
-        registry.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
+        registry.runs.finish_run(run.id, status="failed", error=f"{type(exc).__name__}: {exc}")
         raise
     results = results or {}
     # The strategy's reporting rank (not always rank 0: a parameter server's is its first worker) evaluated it.
     reporting = next((r for r in results.values() if r and r.get("reports")), None)
     first: dict[str, Any] = reporting or results.get(0) or next(iter(results.values()), {})
-    return registry.finish_run(
+    return registry.runs.finish_run(
         run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
     )
 

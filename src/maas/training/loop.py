@@ -8,16 +8,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from maas.imports import resolve
 from maas.training import checkpoint
 from maas.training.components import build_loss, build_metric, build_optimizer, lr_factor, regularization
 from maas.training.config import TrainConfig
 from maas.training.data import ShardedBatches, gather
-from maas.imports import resolve
 from maas.training.strategies import Strategy, WorkerContext, build_strategy
 
 log = logging.getLogger(__name__)
@@ -31,57 +31,76 @@ class LoopResult:
     final_loss: float | None = None
 
 
-class Reporter:
-    """Rank 0's window on the run: progress bar, step metrics to the registry, checkpoints recorded."""
+class Progress(Protocol):
+    """Where the reporting rank tells how far the run is; the CLI draws it (``maas.cli.train_progress``).
 
-    def __init__(self, ctx: WorkerContext, total_steps: int, registry: Any | None) -> None:
+    A worker builds one from an import path (``train(..., progress="package.module:factory")``), so whatever
+    draws it lives above the library and is handed down by name.
+    """
+
+    def start(self, total: int, completed: int) -> None:
+        """Training begins (at ``completed`` of ``total`` steps when it resumes)."""
+
+    def step(self, step: int, loss: float, samples_per_s: float, lr: float) -> None:
+        """Every ``log_every`` steps: the mean loss and the throughput since the last report."""
+
+    def evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """The eval metrics after ``step`` (during training, and at the end)."""
+
+    def stop(self) -> None:
+        """Training is over (or failed): leave the display as it is."""
+
+
+class Reporter:
+    """Rank 0's window on the run: progress to ``progress``, step metrics to the registry, checkpoints recorded."""
+
+    def __init__(
+        self,
+        ctx: WorkerContext,
+        total_steps: int,
+        registry: Any | None,
+        progress: Progress | None = None,
+        start: int = 0,
+    ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.total = total_steps
+        self.start = start
         self.pending: list[Any] = []
-        self.progress: Any = None
+        self.progress = progress
 
     def __enter__(self) -> Reporter:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.progress = Progress(
-            TextColumn("[bold]train[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[sps]:,.0f} samples/s  lr {task.fields[lr]:.2e}"),
-            TextColumn("{task.fields[eval]}"),
-            TimeRemainingColumn(),
-            refresh_per_second=4,  # each redraw holds the GIL for a moment the training step waits on
-        )
-        self.task = self.progress.add_task("train", total=self.total, loss=float("nan"), sps=0.0, lr=0.0, eval="")
-        self.progress.start()
+        if self.progress is not None:
+            self.progress.start(self.total, self.start)
         return self
 
     def step(self, step: int, loss: float, samples_per_s: float, lr: float) -> None:
         from maas.registry.entities import RunStep
 
-        self.progress.update(self.task, completed=step, loss=loss, sps=samples_per_s, lr=lr)
+        if self.progress is not None:
+            self.progress.step(step, loss, samples_per_s, lr)
         self.pending.append(RunStep(step=step, loss=loss, samples_per_s=samples_per_s, lr=lr, at=datetime.now(UTC)))
 
     def flush(self) -> None:
         if self.registry is not None and self.pending:
-            self.registry.log_run_steps(self.ctx.run_id, self.pending)
+            self.registry.runs.log_run_steps(self.ctx.run_id, self.pending)
         self.pending = []
 
     def evaluation(self, step: int, metrics: dict[str, float]) -> None:
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        self.progress.update(self.task, eval=f"eval@{step}: {shown}")
+        if self.progress is not None:
+            self.progress.evaluation(step, metrics)
         if self.registry is not None:
-            self.registry.log_run_eval(self.ctx.run_id, step, metrics)
+            self.registry.runs.log_run_eval(self.ctx.run_id, step, metrics)
 
     def checkpoint(self, step: int, path: Any) -> None:
         self.flush()
         if self.registry is not None:
-            self.registry.add_run_checkpoint(self.ctx.run_id, step, str(path))
+            self.registry.runs.add_run_checkpoint(self.ctx.run_id, step, str(path))
 
     def __exit__(self, *exc: object) -> None:
         self.flush()
-        self.progress.stop()
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def _seed_step(cfg: TrainConfig, ctx: WorkerContext, step: int, dp_rank: int) -> None:
@@ -124,8 +143,11 @@ def _precision(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         yield
 
 
-def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None) -> LoopResult:
-    """Train on this rank. Every rank calls it; rank 0 reports. Resumes from the run's last complete checkpoint."""
+def train_loop(
+    cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None, progress: Progress | None = None
+) -> LoopResult:
+    """Train on this rank. Every rank calls it; the strategy's reporting rank records the run and tells
+    ``progress``. Resumes from the run's last complete checkpoint."""
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     strategy: Strategy = build_strategy(cfg.strategy, ctx)
@@ -197,12 +219,10 @@ def train_loop(cfg: TrainConfig, ctx: WorkerContext, registry: Any | None = None
         return at
 
     reporter: contextlib.AbstractContextManager[Any] = (
-        Reporter(ctx, total, registry) if strategy.reports else contextlib.nullcontext()
+        Reporter(ctx, total, registry, progress, start=step) if strategy.reports else contextlib.nullcontext()
     )
     loss_value: float | None = None
     with reporter as rep:
-        if rep is not None:
-            rep.progress.update(rep.task, completed=step)
         window_start, window_steps = time.perf_counter(), 0
         running = torch.zeros((), device=ctx.device)
         while step < total:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from maas.training.config import TrainConfig
 from maas.imports import resolve
+from maas.training.config import TrainConfig
 from maas.training.loop import train_loop
 from maas.training.stores import PrefixStore, Store, TCPStore
 from maas.training.strategies import WorkerContext
@@ -46,8 +46,12 @@ def _attempt_store(rank: int, world: int) -> Store:
     return PrefixStore(f"/maas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def main(config: dict[str, Any], run_id: str, run_dir: str, home: str) -> dict[str, Any]:
-    """Train (and, on rank 0, publish). Returns what the launcher records on the run."""
+def main(config: dict[str, Any], run_id: str, run_dir: str, home: str, progress: str | None = None) -> dict[str, Any]:
+    """Train (and, on rank 0, publish). Returns what the launcher records on the run.
+
+    ``progress`` is the import path of a :class:`~maas.training.loop.Progress` factory (called with no
+    arguments); the reporting rank tells it how far the run is. None: nothing is shown.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.model_validate(config)
     rank = int(os.environ.get("RANK", "0"))
@@ -70,7 +74,8 @@ def main(config: dict[str, Any], run_id: str, run_dir: str, home: str) -> dict[s
 
     registry = Registry(home=Path(home))  # only the strategy's reporting rank writes to it
     try:
-        result = train_loop(cfg, ctx, registry)
+        reporter = resolve(progress, "progress")() if progress else None
+        result = train_loop(cfg, ctx, registry, progress=reporter)
         out: dict[str, Any] = {
             "eval_metrics": result.eval_metrics,
             "steps": result.steps,
