@@ -92,7 +92,7 @@ def train_and_register(console: Console, registry: Registry, nproc: int = 2) -> 
         f"[bold]1. Train[/]  digits (1347 training, 450 test images, bundled with scikit-learn) with ddp on "
         f"{nproc} processes"
     )
-    run = train(DEMO_CONFIG, nproc_per_node=nproc, registry=registry)
+    run = train(DEMO_CONFIG, nproc_per_node=nproc, registry=registry, progress="maas.cli.train_progress:RichProgress")
     console.print(
         f"   run {run.id[:12]} {run.status}: test accuracy in-process [bold]{run.eval_metrics['accuracy']:.4f}[/]"
     )

@@ -98,8 +98,9 @@ class Registry(DeprecatedRunMethods):
     ) -> ModelVersion:
         """Store the artifact at ``path`` and add it as the next version of ``name``.
 
-        The format is detected from the file when not given, and the signature inferred from the
-        artifact when not given (this imports the format's runtime). The artifact is durably in the
+        The format is detected from the file when not given. The artifact is always inspected by its format's
+        runtime (which refuses files that could run code or cannot load), and its signature is inferred from it
+        unless ``signature`` is given. The artifact is durably in the
         store before the version row is committed.
         """
         from maas import runtimes
@@ -127,7 +128,10 @@ class Registry(DeprecatedRunMethods):
         # inside the artifact store, where `maas gc` finds it if this process dies.
         with self.artifacts.scratch() as scratch:
             artifact = runtimes.pack(path, fmt, scratch)
-            sig = signature or runtimes.inspect(path, fmt)
+            # Always inspected, also when a signature is given: that is the check that the artifact loads without
+            # running code (a format's inspect refuses anything else).
+            inferred = runtimes.inspect(path, fmt)
+            sig = signature or inferred
             with self.artifacts.guard(exclusive=False):
                 digest, size = self.artifacts.put(artifact)
                 version = self.store.create_version(
