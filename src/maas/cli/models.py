@@ -213,7 +213,7 @@ def delete(
     r = parse_ref(ref)
     if r.version is None:
         fail(f"{ref!r} names no version; write NAME/VERSION, e.g. `maas models delete {r.name}/1`")
-    mv = Registry().delete_version(r.name, r.version, force=force)  # type: ignore[arg-type]
+    mv = Registry().delete_version(r.name, r.version, force=force)
     console.print(f"deleted {mv.uri}")
 
 

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # torch is imported when a model is built, not with this module
+    from torch import nn
+
+    from maas.runtimes.export import ClassifierHead
 
 
 @dataclass(frozen=True)
@@ -46,7 +52,7 @@ def test_dataset():  # type: ignore[no-untyped-def]
     return TensorDataset(torch.from_numpy(d.x_test), torch.from_numpy(d.y_test))
 
 
-def mlp(hidden: int = 128, depth: int = 1):  # type: ignore[no-untyped-def]
+def mlp(hidden: int = 128, depth: int = 1) -> nn.Module:
     """An MLP 64 -> hidden (x depth) -> 10 returning logits: a `model.factory`."""
     from torch import nn
 
@@ -59,7 +65,7 @@ def mlp(hidden: int = 128, depth: int = 1):  # type: ignore[no-untyped-def]
     return nn.Sequential(*layers)
 
 
-def build_model(hidden: int = 128):  # type: ignore[no-untyped-def]
+def build_model(hidden: int = 128) -> ClassifierHead:
     """``mlp`` behind a classifier head: returns (probabilities, label); ``.model`` gives the logits."""
     from maas.runtimes.export import ClassifierHead
 
@@ -74,7 +80,7 @@ def train(
     lr: float = 1e-3,
     seed: int = 0,
     on_epoch: Callable[[int, float], None] | None = None,
-):  # type: ignore[no-untyped-def]
+) -> ClassifierHead:
     """A plain hand-written loop (Adam on cross-entropy), no maas training machinery: the reference the
     training benchmark compares against, and a quick way to get a model. Returns it in eval mode."""
     import torch
