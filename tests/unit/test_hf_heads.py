@@ -10,16 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from maas.compression import prune
 from maas.compression.candidate import Candidate, StepContext
 from maas.compression.pipeline import compress
 from maas.compression.recipe import PruneStep
+from maas.compression.steps.prune import STEP as prune
 from maas.demo.sentences import sentences
 from maas.errors import InvalidInput
 from maas.registry import Registry
-from maas.runtimes.hf_export import export_onnx
-from maas.runtimes.hf_heads import HEADS_KEY
-from maas.runtimes.hf_transformers import FORMAT, Tokenizer
+from maas.runtimes.hf import FORMAT, HEADS_KEY, Tokenizer, export_onnx
 from maas.tensors import Signature, TensorSpec
 
 pytestmark = pytest.mark.unit
@@ -64,7 +62,7 @@ def test_stock_transformers_cannot_load_a_pruned_dir(pruned: Path) -> None:
 
 
 def test_runtime_serves_a_pruned_dir_as_load_model_builds_it(pruned: Path) -> None:
-    from maas.compression.prune_heads import load_model
+    from maas.compression.steps.prune.heads import load_model
 
     assert FORMAT.inspect(pruned).output("embedding").shape == (-1, 384)
     got = embed(pruned)

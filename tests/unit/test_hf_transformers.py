@@ -17,9 +17,7 @@ import pytest
 from maas import runtimes
 from maas.errors import InvalidInput
 from maas.registry import Registry
-from maas.runtimes.hf_archive import MARKER, pack, unpack
-from maas.runtimes.hf_export import export_onnx
-from maas.runtimes.hf_transformers import FORMAT, HFEmbeddingRuntime, Tokenizer, encode
+from maas.runtimes.hf import FORMAT, MARKER, HFEmbeddingRuntime, Tokenizer, encode, export_onnx, pack, unpack
 from maas.tensors import Signature, TensorSpec
 
 pytestmark = pytest.mark.unit

@@ -1,7 +1,17 @@
-"""Model formats, each in its own module, found by name and imported on first use.
+"""Model formats, each in its own module or sub-package, found by name and imported on first use.
 
 Importing this package imports neither torch, onnx nor onnxruntime: the table below holds only module
 paths, so ``maas --help`` and the registry stay fast.
+
+The layers above use this package's functions (:func:`detect_format`, :func:`pack`, :func:`inspect`,
+:func:`load`, :func:`get_format`) and, where they need a format's own tools, the public names of its
+module or sub-package, each listed in that one's docstring and ``__all__``:
+
+- :mod:`maas.runtimes.onnx`: ONNX files run by onnxruntime;
+- :mod:`maas.runtimes.torch_export`: ``.pt2`` archives, loaded without torch's unsafe loader;
+- :mod:`maas.runtimes.hf`: Hugging Face directories served as sentence embeddings;
+- :mod:`maas.runtimes.export`: a ``torch.nn.Module`` exported to ONNX and ``.pt2``;
+- :mod:`maas.runtimes.base`: the ``Runtime`` and ``Format`` protocols.
 """
 
 from __future__ import annotations
@@ -12,14 +22,14 @@ from pathlib import Path
 
 from maas.errors import InvalidInput, UnsupportedFormat
 from maas.runtimes.base import Format, Runtime, brief
-from maas.runtimes.hf_archive import MARKER as HF_MARKER  # stdlib only: no heavy import
+from maas.runtimes.hf import MARKER as HF_MARKER  # stdlib only: no heavy import
 from maas.tensors import Signature
 
 #: format name -> "module:attribute" of its :class:`Format`.
 FORMATS: dict[str, str] = {
     "onnx": "maas.runtimes.onnx:FORMAT",
     "torch_export": "maas.runtimes.torch_export:FORMAT",
-    "hf_transformers": "maas.runtimes.hf_transformers:FORMAT",
+    "hf_transformers": "maas.runtimes.hf:FORMAT",
 }
 
 #: file suffix -> format name, so detection needs no heavy import.

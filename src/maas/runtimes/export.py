@@ -3,6 +3,10 @@
 The model is traced once with ``torch.export``; the ONNX file is converted from that same program, so
 both artifacts hold the same graph. Dimension 0 of every input is a dynamic batch dimension unless
 ``dynamic_batch=False``.
+
+Public API: :func:`export` (a module to ``.onnx`` and/or ``.pt2`` files), :class:`ClassifierHead` (the
+head exported in front of classifiers) and ``FORMATS`` (the format names :func:`export` writes).
+Importing this module imports torch.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ class _DropTorchvisionNotice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the ONNX exporter's noise that is not about the user's model."""
+def quiet_onnx_exporter() -> Iterator[None]:
+    """Silence the ONNX exporter's noise that is not about the user's model (also used by
+    :mod:`maas.runtimes.hf.export`)."""
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
     notice = _DropTorchvisionNotice()
     registration.addFilter(notice)
@@ -160,7 +165,7 @@ def export(
     written: dict[str, Path] = {}
     if "onnx" in formats:
         path = out_dir / f"{name}.onnx"
-        with _quiet_exporter():
+        with quiet_onnx_exporter():
             onnx_program = torch.onnx.export(
                 program, args, None, dynamo=True, verbose=False, input_names=in_names, output_names=out_names
             )
@@ -177,3 +182,6 @@ def export(
         written["torch_export"] = path
     logger.debug("exported %s to %s", name, ", ".join(str(p) for p in written.values()))
     return written
+
+
+__all__ = ["FORMATS", "ClassifierHead", "export"]

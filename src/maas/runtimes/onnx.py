@@ -7,6 +7,10 @@ The registry stores one file, so a model is that file and nothing else: tensors 
 files (which onnxruntime would read from any path the model names) are refused. The session is built
 from the file's bytes, never its path, and :meth:`OnnxFormat.inspect` builds one too, so a graph that
 onnxruntime cannot load (an unknown operator, a bad opset) is refused at registration, not when served.
+
+Public API: ``FORMAT`` (the :class:`OnnxFormat` that :func:`maas.runtimes.get_format` returns for ``onnx``),
+:class:`OnnxFormat` (``inspect``, ``load``) and :class:`OnnxRuntime` (a loaded model). Importing this module
+imports onnx and onnxruntime.
 """
 
 from __future__ import annotations
@@ -232,3 +236,5 @@ class OnnxFormat:
 
 
 FORMAT = OnnxFormat()
+
+__all__ = ["FORMAT", "OnnxFormat", "OnnxRuntime"]
