@@ -68,8 +68,7 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "MAAS_MAX_INFLATED_BYTES": (
         _str("MAAS_MAX_INFLATED_BYTES", None),
-        "Largest size a gzip or deflate request body may inflate to; larger gets 413. Default: "
-        "MAAS_MAX_REQUEST_BYTES.",
+        "Largest size a gzip or deflate request body may inflate to; larger gets 413. Default: MAAS_MAX_REQUEST_BYTES.",
     ),
     "MAAS_MAX_TENSOR_ELEMENTS": (
         _num("MAAS_MAX_TENSOR_ELEMENTS", 1 << 24, int),

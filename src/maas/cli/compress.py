@@ -22,16 +22,16 @@ def compress(
     description: str = typer.Option("", "--description", help="The new version's description."),
 ) -> None:
     """Prune, quantize, distill or export a model by a recipe; measure it against its parent; register it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from maas.cli.output import console, err_console
+    from maas.cli.report_view import table
     from maas.compression.pipeline import MetricDropTooLarge
     from maas.compression.pipeline import compress as run_compress
     from maas.compression.recipe import load_recipe
-    from maas.compression.report import table
 
     plan = load_recipe(recipe)  # a bad recipe fails here, before anything is loaded
-    tasks: dict[str, int] = {}
+    tasks: dict[str, TaskID] = {}
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),

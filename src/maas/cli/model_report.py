@@ -13,10 +13,9 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON (no plot)."),
 ) -> None:
     """Size, parameters, latency and metric of every version measured by `maas compress`, plotted."""
-    from rich.table import Table
-
     from maas.cli.output import console, fail, print_json
-    from maas.compression.report import plot, version_points
+    from maas.cli.report_view import plot, versions_table
+    from maas.compression.report import version_points
     from maas.registry import Registry
 
     reg = Registry()
@@ -28,22 +27,7 @@ def report(
         fail(
             f"no version of {name!r} has compression measurements; create one with `maas compress {name} --recipe ...`"
         )
-    t = Table(
-        "version", "parent", "format", "size (MB)", "parameters", "p50 b1 (ms)", "p50 b32 (ms)", "b32/s", "metric"
-    )
-    for p in points:
-        t.add_row(
-            str(p["version"]),
-            str(p["parent_version"] or "-"),
-            p["format"],
-            f"{p['size_bytes'] / 1e6:,.3f}",
-            f"{p['parameters']:,}",
-            f"{p['latency_p50_ms_b1']:.3f}",
-            f"{p['latency_p50_ms_b32']:.3f}",
-            f"{p['throughput_b32']:,.0f}",
-            f"{p['metric_name']} {p['metric']:.4f}",
-        )
-    console.print(t)
+    console.print(versions_table(points))
     out = output or Path(f"{name}-report.png")
     plot(points, f"{name}: size vs {points[0]['metric_name']} (colour: latency at batch 32)", out)
     console.print(f"plot written to {out}")

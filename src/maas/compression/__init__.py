@@ -1,7 +1,11 @@
 """Compression: prune, quantize and distill registered models into smaller, measured, registered versions.
 
-``compress(source_uri, recipe, name)`` is the entry point (:mod:`maas.compression.pipeline`); each step
-type is one module (``prune``, ``quantize``, ``distill``, ``export``); ``report`` measures parent and child.
+``compress(source_uri, recipe, name)`` is the entry point (:mod:`maas.compression.pipeline`). A recipe
+(:mod:`~maas.compression.recipe`) is a list of steps; each step type lives under :mod:`~maas.compression.steps`
+(``prune``, ``quantize``, ``distill``, ``export``), found by name. Between steps the model is a
+:mod:`~maas.compression.candidate`; ONNX models become torch graphs through :mod:`~maas.compression.onnx_import`.
+:mod:`~maas.compression.report` measures parent and child (numbers only; the CLI draws them), and
+:mod:`~maas.compression.formats` is where compression reaches into :mod:`maas.runtimes`.
 """
 
 from __future__ import annotations

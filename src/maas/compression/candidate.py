@@ -19,14 +19,21 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from maas.compression import formats
+from maas.compression.recipe import EvaluationSpec
 from maas.errors import InvalidInput
 from maas.tensors import Signature
 
+if TYPE_CHECKING:
+    from torch import nn
+
 Kind = Literal["torch", "onnx", "hf"]
+#: Progress callback: (description, completed, total).
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -35,7 +42,7 @@ class Candidate:
     #: The serving signature the child keeps (input and output names, datatypes), the parent's by default.
     signature: Signature
     #: ``torch``: the module.
-    module: Any = None
+    module: nn.Module | None = None
     #: ``onnx``: the file; ``hf``: the directory.
     path: Path | None = None
     #: The registry format the candidate is saved as when the recipe ends without an ``export`` step.
@@ -65,9 +72,9 @@ class StepContext:
     #: ``"cpu"`` or ``"cuda"``: where training steps run.
     device: str = "cpu"
     #: The recipe's evaluation dataset (steps that compare variants, e.g. distillation over seeds, use it).
-    evaluation: Any = None
+    evaluation: EvaluationSpec | None = None
     #: Progress callback: (description, completed, total).
-    progress: Callable[[str, int, int], None] = lambda desc, done, total: None
+    progress: Progress = lambda desc, done, total: None
 
     def subdir(self, name: str) -> Path:
         d = self.workdir / name
@@ -91,6 +98,19 @@ def example_tensors(ctx: StepContext, signature: Signature) -> tuple[Any, ...]:
     return tuple(out)
 
 
+def from_artifact(path: Path, format: str, signature: Signature, ctx: StepContext) -> Candidate:
+    """The registered artifact at ``path`` (of registry ``format``) as the candidate a recipe starts from."""
+    if format == "onnx":
+        return Candidate(kind="onnx", signature=signature, path=path, format="onnx")
+    if format == "torch_export":
+        from maas.compression.graph_module import as_graph_module
+
+        # A loaded program's .module() refuses .eval()/.train(); a plain GraphModule owning its weights does not.
+        module = as_graph_module(formats.load_program(path).module(), example_tensors(ctx, signature))
+        return Candidate(kind="torch", signature=signature, module=module, format="torch_export")
+    return Candidate(kind="hf", signature=signature, path=formats.unpack_hf(path), format="hf_transformers")
+
+
 def to_torch(cand: Candidate, ctx: StepContext, *, why: str) -> Candidate:
     """The candidate as a ``torch`` module; ``why`` names the step that needs it, for the error."""
     if cand.kind == "torch":
@@ -112,24 +132,24 @@ def to_onnx(cand: Candidate, ctx: StepContext) -> Candidate:
     if cand.kind == "onnx":
         return cand
     if cand.kind == "hf":
-        from maas.runtimes.hf_export import export_onnx
-
         assert cand.path is not None
         out = ctx.subdir("hf-onnx")
-        export_onnx(cand.path, out)
+        formats.export_hf_onnx(cand.path, out)
         return cand.evolve(path=out)
-    from maas.runtimes.export import export
+    files = _export(cand, ctx, "onnx")
+    return cand.evolve(kind="onnx", path=files["onnx"], module=None)
 
-    files = export(
+
+def _export(cand: Candidate, ctx: StepContext, fmt: str) -> dict[str, Path]:
+    assert cand.module is not None
+    return formats.export(
         cand.module,
         example_tensors(ctx, cand.signature),
         ctx.subdir("export"),
-        name="model",
         input_names=[s.name for s in cand.signature.inputs],
         output_names=[s.name for s in cand.signature.outputs],
-        formats=("onnx",),
+        formats=(fmt,),
     )
-    return cand.evolve(kind="onnx", path=files["onnx"], module=None)
 
 
 def hf_onnx_file(cand: Candidate) -> Path | None:
@@ -144,7 +164,8 @@ def save(cand: Candidate, ctx: StepContext, format: str | None = None) -> tuple[
     """Write the candidate as a registrable artifact; returns (path, registry format)."""
     fmt = format or cand.format
     if cand.kind == "hf":
-        return cand.path, "hf_transformers"  # type: ignore[return-value]
+        assert cand.path is not None
+        return cand.path, "hf_transformers"
     if fmt == "onnx":
         onnx_cand = to_onnx(cand, ctx)
         assert onnx_cand.path is not None
@@ -152,18 +173,7 @@ def save(cand: Candidate, ctx: StepContext, format: str | None = None) -> tuple[
     if fmt == "torch_export":
         if cand.kind != "torch":
             raise InvalidInput("an ONNX model cannot be exported to torch_export; export to onnx instead")
-        from maas.runtimes.export import export
-
-        files = export(
-            cand.module,
-            example_tensors(ctx, cand.signature),
-            ctx.subdir("export"),
-            name="model",
-            input_names=[s.name for s in cand.signature.inputs],
-            output_names=[s.name for s in cand.signature.outputs],
-            formats=("torch_export",),
-        )
-        return files["torch_export"], "torch_export"
+        return _export(cand, ctx, "torch_export")["torch_export"], "torch_export"
     raise InvalidInput(f"cannot save a {cand.kind} model as {fmt!r}")
 
 

@@ -10,34 +10,29 @@ enforced, and only then is the child registered with its lineage (parent, recipe
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from maas.compression.candidate import Candidate, StepContext, save
-from maas.compression.recipe import DistillStep, ExportStep, PruneStep, QuantizeStep, Recipe, load_recipe, parse_recipe
-from maas.compression.report import EvalData, Report, compare, load_eval_data
+from maas.compression import formats
+from maas.compression.candidate import Kind, Progress, StepContext, from_artifact, save
+from maas.compression.evaluation import EvalData, load_eval_data
+from maas.compression.recipe import Recipe, Step, load_recipe, parse_recipe
+from maas.compression.report import Report, compare
+from maas.compression.steps import step_type
+from maas.compression.steps.base import Planned
 from maas.errors import InvalidInput, NotFound
+from maas.imports import resolve
 from maas.registry import ModelVersion, Registry
 from maas.registry.uri import validate_alias, validate_name
-from maas.imports import resolve
 
 log = logging.getLogger(__name__)
 
-#: step type -> "module:function" applying it, imported on first use.
-STEPS: dict[str, str] = {
-    "prune": "maas.compression.prune:apply",
-    "quantize": "maas.compression.quantize:apply",
-    "distill": "maas.compression.distill:apply",
-    "export": "maas.compression.export:apply",
-}
-
-Progress = Callable[[str, int, int], None]
+#: registry format -> the kind of candidate a recipe starts from.
+SOURCE_KINDS: dict[str, Kind] = {"onnx": "onnx", "torch_export": "torch", "hf_transformers": "hf"}
 
 
 class MetricDropTooLarge(InvalidInput):
@@ -54,92 +49,27 @@ class CompressResult:
     report: Report
 
 
-def _describe(i: int, step: Any) -> str:
-    detail = {
-        "prune": lambda s: f"{s.method} {s.amount:g}",
-        "quantize": lambda s: f"{s.backend} {s.mode}",
-        "distill": lambda s: s.student.factory,
-        "export": lambda s: s.format,
-    }[step.type](step)
-    return f"steps[{i}] ({step.type} {detail})"
+def _describe(i: int, step: Step) -> str:
+    return f"steps[{i}] ({step.type} {step_type(step.type).describe(step)})"
 
 
-def plan(recipe: Recipe, source_format: str) -> list[str]:
+def plan(recipe: Recipe, source_format: str) -> list[Kind]:
     """The candidate's kind after each step; ``InvalidInput`` naming the first step that cannot take its input."""
-    kind = {"onnx": "onnx", "torch_export": "torch", "hf_transformers": "hf"}.get(source_format)
+    kind = SOURCE_KINDS.get(source_format)
     if kind is None:
         raise InvalidInput(
             f"cannot compress a model of format {source_format!r}; supported: onnx, torch_export, hf_transformers"
         )
-    int8_onnx = int8_torch_dynamic = False
+    state = Planned(kind)
     kinds = []
     for i, step in enumerate(recipe.steps):
-        where = _describe(i, step)
-
-        def refuse(why: str, where: str = where) -> InvalidInput:
-            return InvalidInput(f"{where}: {why}")
-
-        if isinstance(step, PruneStep):
-            if step.method == "structured" and step.target == "heads":
-                if kind != "hf":
-                    raise refuse("pruning attention heads needs a Hugging Face transformer (format hf_transformers)")
-            elif kind == "hf":
-                raise refuse("a Hugging Face transformer is pruned by heads: use method structured, target heads")
-            elif int8_onnx:
-                raise refuse("cannot prune a model after int8 quantization; prune first, then quantize")
-            else:
-                kind = "torch"
-        elif isinstance(step, QuantizeStep):
-            if step.backend == "torchao":
-                if kind != "torch":
-                    raise refuse(
-                        f"torchao quantizes torch models, but the model is {kind} here; "
-                        "use backend onnxruntime, or put the torchao step before any ONNX export"
-                    )
-                int8_torch_dynamic = int8_torch_dynamic or step.mode in ("dynamic", "auto")
-            else:
-                kind = "hf" if kind == "hf" else "onnx"
-                int8_onnx = True
-        elif isinstance(step, DistillStep):
-            if kind == "hf":
-                raise refuse("distillation needs a classifier teacher (torch or ONNX), not a Hugging Face encoder")
-            kind = "torch"
-        elif isinstance(step, ExportStep):
-            if step.format == "torch_export" and kind == "hf":
-                raise refuse("a Hugging Face model stays a Hugging Face directory; export it to onnx instead")
-            if step.format == "torch_export" and int8_onnx:
-                raise refuse(
-                    "an int8 ONNX model cannot become a torch program; export to onnx, or quantize with torchao"
-                )
-            if step.format == "onnx" and int8_torch_dynamic:
-                raise refuse(
-                    "torchao dynamic int8 cannot be exported to ONNX (the exporter has no aten._int_mm); "
-                    "use torchao mode weight_only, or quantize with backend onnxruntime after exporting"
-                )
-            if step.format == "torch_export":
-                kind = "torch"
-            elif kind != "hf":
-                kind = "onnx"
-        kinds.append(kind)
+        impl = step_type(step.type)
+        why = impl.accepts(step, state)
+        if why is not None:
+            raise InvalidInput(f"{_describe(i, step)}: {why}")
+        state = impl.produces(step, state)
+        kinds.append(state.kind)
     return kinds
-
-
-def _import_paths(recipe: Recipe) -> list[tuple[str, str]]:
-    """(where, import path) for every path the recipe names."""
-    found = []
-    if recipe.evaluation is not None:
-        found.append(("evaluation.dataset", recipe.evaluation.dataset))
-    for i, step in enumerate(recipe.steps):
-        if isinstance(step, PruneStep) and step.finetune is not None:
-            found.append((f"steps[{i}].finetune.dataset", step.finetune.dataset))
-        if isinstance(step, QuantizeStep) and step.calibration is not None:
-            found.append((f"steps[{i}].calibration.dataset", step.calibration.dataset))
-        if isinstance(step, DistillStep):
-            found += [
-                (f"steps[{i}].student.factory", step.student.factory),
-                (f"steps[{i}].train.dataset", step.train.dataset),
-            ]
-    return found
 
 
 def check(
@@ -160,33 +90,11 @@ def check(
         parent = registry.resolve(source)
     except NotFound as exc:
         raise NotFound(f"source {source!r} does not resolve: {exc}") from None
-    for where, path in _import_paths(recipe):
-        resolve(path, where)
+    resolve(recipe.evaluation.dataset, "evaluation.dataset")
+    for i, step in enumerate(recipe.steps):
+        step_type(step.type).validate(step, f"steps[{i}]")
     plan(recipe, parent.format)
     return parent
-
-
-def _source_candidate(parent: ModelVersion, path: Path, ctx: StepContext) -> Candidate:
-    if parent.format == "onnx":
-        return Candidate(kind="onnx", signature=parent.signature, path=path, format="onnx")
-    if parent.format == "torch_export":
-        from maas.compression.candidate import example_tensors
-        from maas.compression.graph_module import as_graph_module
-        from maas.runtimes.torch_export import load_program
-
-        # A loaded program's .module() refuses .eval()/.train(); a plain GraphModule owning its weights does not.
-        module = as_graph_module(load_program(path).module(), example_tensors(ctx, parent.signature))
-        return Candidate(kind="torch", signature=parent.signature, module=module, format="torch_export")
-    from maas.runtimes.hf_archive import unpack
-
-    return Candidate(kind="hf", signature=parent.signature, path=unpack(path), format="hf_transformers")
-
-
-def _apply(step: Any, cand: Candidate, ctx: StepContext) -> Candidate:
-    module_name, _, attr = STEPS[step.type].partition(":")
-    fn = getattr(importlib.import_module(module_name), attr)
-    out: Candidate = fn(step, cand, ctx)
-    return out
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -231,20 +139,18 @@ def compress(
             evaluation=recipe.evaluation,
             progress=progress,
         )
-        cand = _source_candidate(parent, parent_path, ctx)
+        cand = from_artifact(parent_path, parent.format, parent.signature, ctx)
         for i, step in enumerate(recipe.steps):
             progress(_describe(i, step), i, len(recipe.steps))
-            cand = _apply(step, cand, ctx)
+            cand = step_type(step.type).apply(step, cand, ctx)
             log.info("%s done", _describe(i, step))
         progress("steps", len(recipe.steps), len(recipe.steps))
         child_path, child_format = save(cand, ctx)
 
-        from maas import runtimes
-
-        parent_rt = runtimes.load(parent_path, parent.format, device=device)
-        child_rt = runtimes.load(child_path, child_format, device=device)
+        parent_rt = formats.load(parent_path, parent.format, device=device)
+        child_rt = formats.load(child_path, child_format, device=device)
         refs = [
-            (label, (runtimes.load(path, fmt, device=device), path, fmt, None))
+            (label, (formats.load(path, fmt, device=device), path, fmt, None))
             for label, path, fmt in cand.references
             if path.exists() and path.resolve() != parent_path.resolve()
         ]

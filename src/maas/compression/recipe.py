@@ -1,8 +1,8 @@
 """Compression recipes: YAML in, one pydantic model per step type, every mistake reported before any work.
 
 A recipe is an optional ``evaluation`` (how parent and child are measured) and a list of ``steps``
-applied in order. Each step type is one module: ``prune`` (:mod:`maas.compression.prune`), ``quantize``
-(:mod:`maas.compression.quantize`), ``distill`` (:mod:`maas.compression.distill`) and ``export``.
+applied in order. Each step type is one module: ``prune`` (:mod:`maas.compression.steps.prune`), ``quantize``
+(:mod:`maas.compression.steps.quantize`), ``distill`` (:mod:`maas.compression.steps.distill`) and ``export``.
 
 .. code-block:: yaml
 

@@ -4,96 +4,35 @@ For each model: size on disk, parameter count, in-process latency p50 at batch 1
 throughput at batch 32, and the task metric on the recipe's evaluation dataset (accuracy when the data
 has labels, else the mean cosine similarity of the model's outputs to the parent's). Timings of the two
 models are interleaved round by round, so a busy machine slows both alike and the ratios stay fair.
+
+The report holds numbers only; the CLI draws them (:mod:`maas.cli.report_view`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import platform
 import statistics
 import time
-import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from maas.compression.candidate import Progress
+from maas.compression.evaluation import EvalData, accuracy, mean_cosine, metric_output, predict
+from maas.compression.formats import Runtime
 from maas.compression.recipe import EvaluationSpec
+from maas.compression.sizes import artifact_size, count_parameters
 from maas.errors import InvalidInput
-from maas.runtimes.base import Runtime
-from maas.tensors import Signature, numpy_dtype
-from maas.imports import resolve
 
-Progress = Callable[[str, int, int], None]
-
-
-# --- evaluation data ----------------------------------------------------------------------------
-
-
-@dataclass
-class EvalData:
-    """The evaluation dataset as model inputs (keyed by signature input name) and labels (or None)."""
-
-    inputs: dict[str, np.ndarray]
-    labels: np.ndarray | None
-
-    def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
-
-    def batch(self, size: int, start: int = 0) -> dict[str, np.ndarray]:
-        """``size`` rows from ``start``, wrapping around (so a batch of 32 exists even for 10 examples)."""
-        n = len(self)
-        idx = (np.arange(size) + start) % n
-        return {k: v[idx] for k, v in self.inputs.items()}
-
-
-def _as_array(values: Sequence[Any], datatype: str) -> np.ndarray:
-    if datatype == "BYTES":
-        flat = [v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in values]
-        return np.array(flat, dtype=object)
-    arrays = [np.asarray(v.detach().cpu() if hasattr(v, "detach") else v) for v in values]
-    return np.stack(arrays).astype(numpy_dtype(datatype), copy=False)
-
-
-def load_eval_data(spec: EvaluationSpec, signature: Signature) -> EvalData:
-    """Call the dataset factory and shape its items for ``signature``: texts, inputs, or (inputs…, label)."""
-    data = resolve(spec.dataset, "evaluation.dataset")(**spec.kwargs)
-    try:
-        n = len(data)
-    except TypeError:
-        raise InvalidInput(
-            f"evaluation.dataset {spec.dataset!r} returned a {type(data).__name__}, which has no length; "
-            "return a list of texts or a map-style dataset of (input, label) pairs"
-        ) from None
-    if n == 0:
-        raise InvalidInput(f"evaluation.dataset {spec.dataset!r} is empty")
-    n = min(n, spec.limit or n)
-    items = [data[i] for i in range(n)]
-    n_in = len(signature.inputs)
-    if isinstance(items[0], str | bytes):
-        rows: list[tuple[Any, ...]] = [(item,) for item in items]
-    else:
-        rows = [tuple(item) if isinstance(item, tuple | list) else (item,) for item in items]
-    width = len(rows[0])
-    if width not in (n_in, n_in + 1):
-        raise InvalidInput(
-            f"evaluation.dataset items have {width} parts; the model takes {n_in} input(s) "
-            f"({', '.join(s.name for s in signature.inputs)}), "
-            "so items must be the inputs, optionally followed by a label"
-        )
-    inputs = {
-        spec_.name: _as_array([row[i] for row in rows], spec_.datatype) for i, spec_ in enumerate(signature.inputs)
-    }
-    labels = None
-    if width == n_in + 1:
-        labels = np.asarray([np.asarray(row[-1].item() if hasattr(row[-1], "item") else row[-1]) for row in rows])
-    return EvalData(inputs=inputs, labels=labels)
-
-
-# --- one model's numbers ------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from maas.registry.entities import ModelVersion
 
 
 @dataclass
@@ -107,106 +46,6 @@ class Measurement:
     throughput_b32: float  # samples per second at batch 32
     metric_name: str
     metric: float
-
-
-def artifact_size(path: Path) -> int:
-    """Bytes on disk: the file, or every file under a directory."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-    return path.stat().st_size
-
-
-def count_parameters(path: Path, format: str) -> int:
-    """Weights in the artifact, counted as elements (an int8 weight counts once, like its fp32 parent)."""
-    if format == "onnx" or (format == "hf_transformers" and _hf_onnx(path) is not None):
-        import onnx
-
-        model = onnx.load(str(_hf_onnx(path) or path), load_external_data=False)
-        total = 0
-        for init in model.graph.initializer:
-            if init.data_type in (
-                onnx.TensorProto.FLOAT,
-                onnx.TensorProto.FLOAT16,
-                onnx.TensorProto.INT8,
-                onnx.TensorProto.UINT8,
-                onnx.TensorProto.BFLOAT16,
-                onnx.TensorProto.DOUBLE,
-            ):
-                count = int(np.prod(init.dims)) if init.dims else 1
-                if count > 1:  # scalars are scales and zero points, not weights
-                    total += count
-        return total
-    if format == "torch_export":
-        from maas.runtimes.torch_export import load_program  # the archive is checked first: nothing pickled loads
-
-        program = load_program(path)
-        return sum(int(t.numel()) for t in program.state_dict.values())
-    if format == "hf_transformers":
-        from safetensors import safe_open
-
-        root = _hf_dir(path)
-        total = 0
-        for f in sorted(root.glob("*.safetensors")):
-            with safe_open(str(f), framework="np") as st:
-                for key in st.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                    total += int(np.prod(st.get_slice(key).get_shape()))
-        return total
-    raise InvalidInput(f"cannot count the parameters of format {format!r}")
-
-
-def _hf_dir(path: Path) -> Path:
-    if path.is_dir():
-        return path
-    from maas.runtimes.hf_archive import unpack
-
-    return unpack(path)
-
-
-def _hf_onnx(path: Path) -> Path | None:
-    if path.is_file() and not zipfile.is_zipfile(path):
-        return None
-    try:
-        f = _hf_dir(path) / "model.onnx"
-    except Exception:
-        return None
-    return f if f.is_file() else None
-
-
-def _metric_output(signature: Signature, wanted: str | None) -> str:
-    if wanted is not None:
-        if signature.output(wanted) is None:
-            raise InvalidInput(
-                f"evaluation.output {wanted!r} is not an output of the model; it returns "
-                + ", ".join(s.name for s in signature.outputs)
-            )
-        return wanted
-    for s in signature.outputs:
-        if s.datatype in ("FP32", "FP64", "FP16", "BF16"):
-            return s.name
-    return signature.outputs[0].name
-
-
-def _predict(runtime: Runtime, data: EvalData, output: str, batch_size: int) -> np.ndarray:
-    parts = []
-    for start in range(0, len(data), batch_size):
-        size = min(batch_size, len(data) - start)
-        parts.append(np.asarray(runtime.infer(data.batch(size, start), [output])[output]))
-    return np.concatenate(parts)
-
-
-def accuracy(outputs: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of scores (argmax over the last axis) or of predicted labels."""
-    predicted = outputs.argmax(axis=-1) if outputs.ndim > labels.ndim else outputs
-    return float((predicted.reshape(labels.shape) == labels).mean())
-
-
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean cosine similarity of matching rows (flattened past the batch dimension)."""
-    a = a.reshape(len(a), -1).astype(np.float64)
-    b = b.reshape(len(b), -1).astype(np.float64)
-    num = (a * b).sum(axis=1)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
 
 
 def _time(fn: Callable[[], object]) -> float:
@@ -303,8 +142,6 @@ class Report:
 
 
 def _cpus() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -325,7 +162,7 @@ def compare(
     """Measure ``parent``, ``child`` and any labelled ``references`` on ``data``, interleaved."""
     p_rt, c_rt = parent[0], child[0]
     models = [parent, child, *(m for _, m in references)]
-    output = _metric_output(p_rt.signature, spec.output)
+    output = metric_output(p_rt.signature, spec.output)
     if c_rt.signature.output(output) is None:
         raise InvalidInput(
             f"the compressed model has no output {output!r} (it returns "
@@ -341,7 +178,7 @@ def compare(
         )
 
     progress("evaluate", 0, 4)
-    outs = [_predict(m[0], data, output, spec.batch_size) for m in models]
+    outs = [predict(m[0], data, output, spec.batch_size) for m in models]
     if metric_name == "accuracy":
         assert data.labels is not None
         metrics = [accuracy(o, data.labels) for o in outs]
@@ -352,7 +189,7 @@ def compare(
     one, many = data.batch(1), data.batch(32)
 
     def calls(batch: dict[str, np.ndarray]) -> list[Callable[[], object]]:
-        return [lambda rt=m[0]: rt.infer(batch) for m in models]
+        return [functools.partial(m[0].infer, batch) for m in models]
 
     b1 = _interleaved(calls(one), spec.latency_runs)
     progress("evaluate", 3, 4)
@@ -383,51 +220,10 @@ def compare(
     )
 
 
-# --- presenting ---------------------------------------------------------------------------------
+# --- every version of a model ----------------------------------------------------------------
 
 
-def _mb(n: float) -> str:
-    """Bytes in the unit that keeps three significant digits readable (KB for small models, MB, GB)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n:,.0f} B"
-
-
-def table(report: Report) -> Any:
-    """A Rich table: parent, any references, child, and child / parent for each measurement."""
-    from rich.table import Table
-
-    p, c, r = report.parent, report.child, report.ratios()
-    refs = report.references
-    t = Table(title=f"compression report ({report.machine})", title_justify="left")
-    t.add_column("")
-    t.add_column(f"parent {p.uri or ''}".strip(), justify="right")
-    for label, _ in refs:
-        t.add_column(label, justify="right")
-    t.add_column("child", justify="right")
-    t.add_column("child / parent", justify="right")
-    for label, _ in refs:
-        t.add_column(f"child / {label}", justify="right")
-    ms = [p, *(m for _, m in refs), c]
-    ref_ratios = [report.ratios(m) for _, m in refs]
-
-    def row(name: str, cell: Callable[[Measurement], str], key: str | None) -> None:
-        ratio = [f"{r[key]:.3f}" if key else "", *(f"{rr[key]:.3f}" if key else "" for rr in ref_ratios)]
-        t.add_row(name, *(cell(m) for m in ms), *ratio)
-
-    row("format", lambda m: m.format, None)
-    row("size on disk", lambda m: _mb(m.size_bytes), "size")
-    row("parameters", lambda m: f"{m.parameters:,}", "parameters")
-    row("latency p50, batch 1", lambda m: f"{m.latency_p50_ms_b1:.3f} ms", "latency_b1")
-    row("latency p50, batch 32", lambda m: f"{m.latency_p50_ms_b32:.3f} ms", "latency_b32")
-    row("throughput, batch 32", lambda m: f"{m.throughput_b32:,.0f}/s", "throughput_b32")
-    drops = [f"drop {report.metric_drop:+.4f}", *(f"drop {m.metric - c.metric:+.4f}" for _, m in refs)]
-    t.add_row(p.metric_name, *(f"{m.metric:.4f}" for m in ms), *drops)
-    return t
-
-
-def version_points(versions: Sequence[Any]) -> list[dict[str, Any]]:
+def version_points(versions: Sequence[ModelVersion]) -> list[dict[str, Any]]:
     """One row per version that has measurements: its own (as a child), else a child's report of it (as a parent)."""
     measured: dict[int, dict[str, Any]] = {}
     parents: dict[int, dict[str, Any]] = {}
@@ -449,40 +245,3 @@ def _version_of(uri: str | None, name: str) -> int | None:
     if uri and uri.startswith(prefix) and uri[len(prefix) :].isdigit():
         return int(uri[len(prefix) :])
     return None
-
-
-def plot(points: Sequence[Mapping[str, Any]], title: str, out: Path) -> Path:
-    """Size (x) against the task metric (y), latency as the colour: one labelled point per version."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    xs = [p["size_bytes"] / 1e6 for p in points]
-    ys = [p["metric"] for p in points]
-    lat = [p["latency_p50_ms_b32"] for p in points]
-    sc = ax.scatter(xs, ys, c=lat, cmap="viridis_r", s=90, edgecolors="black", linewidths=0.5)
-    for p, x, y in zip(points, xs, ys, strict=True):
-        ax.annotate(f"v{p['version']}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
-    by_version = {p["version"]: p for p in points}
-    for p in points:
-        parent = by_version.get(p.get("parent_version"))
-        if parent is not None:  # an arrow from each parent to its child
-            ax.annotate(
-                "",
-                xy=(p["size_bytes"] / 1e6, p["metric"]),
-                xytext=(parent["size_bytes"] / 1e6, parent["metric"]),
-                arrowprops={"arrowstyle": "->", "color": "grey", "lw": 0.8},
-            )
-    fig.colorbar(sc, ax=ax, label="latency p50 at batch 32 (ms)")
-    metric_names = {p["metric_name"] for p in points}
-    ax.set_xlabel("size on disk (MB)")
-    ax.set_ylabel(" / ".join(sorted(metric_names)))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out

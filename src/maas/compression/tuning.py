@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maas.compression.candidate import Progress
 from maas.compression.recipe import DatasetSpec, TrainSpec
 from maas.errors import InvalidInput
+from maas.imports import resolve
 from maas.training.components import build_optimizer
 from maas.training.config import OptimizerConfig
 from maas.training.data import gather
-from maas.imports import resolve
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ OutputKind = Literal["logits", "probabilities"]
 #: ``loss(outputs, x, y, batch_indices)``: ``outputs`` is what the model returned (a tensor or a tuple), ``y``
 #: is None for datasets of inputs alone, ``batch_indices`` are the dataset indices of the batch.
 LossFn = Callable[[Any, Any, Any, torch.Tensor], torch.Tensor]
-Progress = Callable[[str, int, int], None]
 
 
 def load_dataset(spec: DatasetSpec) -> Any:
@@ -166,7 +166,7 @@ def fit(
             kind = kind or output_kind(out)
             value = default_loss(out, y, kind)
         optimizer.zero_grad(set_to_none=True)
-        value.backward()
+        value.backward()  # type: ignore[no-untyped-call]  # torch's Tensor.backward has no annotations
         optimizer.step()
         if after_step is not None:
             after_step(step)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from maas.compression.graph_module import get_tensor, shapes
-from maas.compression.onnx_kernels import global_max, global_mean
+from maas.compression.onnx_import.kernels import global_max, global_mean
 
 aten = torch.ops.aten
 

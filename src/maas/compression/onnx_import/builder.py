@@ -1,12 +1,8 @@
-"""ONNX graphs as trainable ``torch.fx`` modules, so that pruning and distillation can work on ONNX models.
+"""The state of one ONNX import: the fx graph being written, the module holding the weights, the values so far.
 
-:func:`import_onnx` turns each ONNX node into the torch call that computes it (``Gemm`` into
-``F.linear``, ``Conv`` into ``F.conv2d``, …). Float initializers become ``nn.Parameter``s registered
-under their ONNX names (``model.0.weight`` stays ``model.0.weight``, so layer names survive an export
-round trip); integer initializers and batch-norm statistics become buffers. Small integer constants
-(shapes, axes, indices) are folded into the graph as Python values, and shape arithmetic (``Shape`` →
-``Gather`` → ``Concat`` → ``Reshape``) runs on Python ints, so ``torch.export`` sees a dynamic batch as a
-symbolic size rather than as data. The op handlers live in :mod:`maas.compression.onnx_ops`.
+Float initializers become ``nn.Parameter``s registered under their ONNX names (``model.0.weight`` stays
+``model.0.weight``, so layer names survive an export round trip); integer initializers and batch-norm
+statistics become buffers. Small integer constants (shapes, axes, indices) are kept as Python values.
 """
 
 from __future__ import annotations
@@ -14,7 +10,6 @@ from __future__ import annotations
 import ast
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,7 +51,8 @@ def _is_small_int(array: np.ndarray) -> bool:
     return array.dtype.kind in "iu" and array.ndim <= 1 and array.size <= SMALL_INT
 
 
-def _attr_name(part: str) -> str:
+def attr_name(part: str) -> str:
+    """``part`` as a Python identifier that is not an ``nn.Module`` attribute."""
     name = re.sub(r"\W", "_", part) or "_"
     return f"_{name}" if hasattr(nn.Module, name) or name.startswith("__") else name
 
@@ -125,7 +121,7 @@ class Builder:
 
     def _register(self, name: str, tensor: torch.Tensor) -> str:
         """Register under the dotted ONNX name (sub-modules for the dots) where possible, else a flat name."""
-        parts = [_attr_name(p) for p in name.split(".")]
+        parts = [attr_name(p) for p in name.split(".")]
         owner = self.root
         ok = True
         for part in parts[:-1]:
@@ -139,7 +135,7 @@ class Builder:
             owner = child
         if not ok or hasattr(owner, parts[-1]):
             self._count += 1
-            owner, parts = self.root, [f"_onnx_{self._count}_{_attr_name(name)}"]
+            owner, parts = self.root, [f"_onnx_{self._count}_{attr_name(name)}"]
         if isinstance(tensor, nn.Parameter):
             owner.register_parameter(parts[-1], tensor)
         else:
@@ -181,47 +177,3 @@ def _weight_aliases(model: onnx.ModelProto) -> dict[str, str]:
             if alias not in taken and alias not in aliases.values():
                 aliases[weight] = alias
     return aliases
-
-
-def import_onnx(path: Path) -> nn.Module:
-    """The ONNX model at ``path`` as an ``fx.GraphModule``: ``forward`` takes the graph inputs in order and
-    returns the outputs in order (a tuple when there are several). Raises ``InvalidInput`` naming the
-    first unsupported op."""
-    from maas.compression.onnx_ops import OPS
-
-    path = Path(path)
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:
-        raise InvalidInput(f"{path.name} is not a readable ONNX model: {exc}") from exc
-    b = Builder(model, path.name)
-    for inp in model.graph.input:
-        if inp.name in b.initializers:  # IR < 4 lists initializers among the inputs
-            continue
-        b.env[inp.name] = b.graph.placeholder(_attr_name(inp.name))
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in OPS:
-            op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
-            raise InvalidInput(
-                f"{path.name}: ONNX op {op!r} (node {node.name or node.output[0]!r}) is not supported by the "
-                f"ONNX importer that pruning and distillation use (it supports {', '.join(sorted(OPS))}); "
-                "register the model as torch_export (a .pt2 written by torch.export) to compress it"
-            )
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        results = OPS[node.op_type](b, node, attrs)
-        if not isinstance(results, tuple):
-            results = (results,)
-        kept = [o for o in node.output if o]
-        if len(kept) > len(results):
-            raise InvalidInput(
-                f"{path.name}: node {node.name!r} ({node.op_type}) uses output(s) {kept[len(results) :]} that the "
-                "importer does not produce (e.g. a training-mode mask or indices); re-export the model for inference"
-            )
-        for name, value in zip(node.output, results, strict=False):
-            if name:
-                b.env[name] = value
-    outputs = [b.tensor(o.name) for o in model.graph.output]
-    b.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
-    module = fx.GraphModule(b.root, b.graph, class_name="OnnxModule")
-    module.eval()
-    return module

@@ -8,14 +8,14 @@ rows of ``query``/``key``/``value`` and those columns of ``attention.output.dens
 The result is a model directory written with ``save_pretrained`` (safetensors) beside the parent's
 tokenizer and pooling files. Its ``config.json`` keeps the original ``num_attention_heads`` (the head
 size is derived from it) and records the heads each layer kept under ``maas_attention_heads``. Stock
-``AutoModel.from_pretrained`` cannot build such a model; :func:`maas.runtimes.hf_heads.load_model` (re-exported
+``AutoModel.from_pretrained`` cannot build such a model; :func:`maas.runtimes.hf.load_model` (re-exported
 here) can, and the ``hf_transformers`` runtime and ONNX export load it through that.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,7 +24,10 @@ from torch import nn
 from maas.compression.candidate import Candidate, StepContext, copy_dir
 from maas.compression.recipe import PruneStep
 from maas.errors import InvalidInput
-from maas.runtimes.hf_heads import HEADS_KEY, attention_blocks, load_model, shrink_block
+from maas.runtimes.hf import HEADS_KEY, attention_blocks, load_model, shrink_block
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 _WEIGHTS = (".safetensors", ".bin", ".onnx", ".onnx_data", ".pt", ".h5", ".msgpack")
 _SENTENCES = [
@@ -58,10 +61,11 @@ def _embed(model: nn.Module, tokenizer: Any, texts: list[str]) -> torch.Tensor:
     with torch.inference_mode():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    pooled: torch.Tensor = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    return pooled
 
 
-def apply_heads(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate:
+def apply(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate:
     """A new ``hf`` candidate whose attention blocks each lost ``amount`` of their heads."""
     from transformers import AutoTokenizer
 
@@ -98,7 +102,7 @@ def apply_heads(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate
     cosine = torch.nn.functional.cosine_similarity(_embed(parent, tokenizer, texts), _embed(model, tokenizer, texts))
     out_dir = ctx.subdir("pruned-heads")
     copy_dir(cand.path, out_dir, skip=lambda rel: rel.name.endswith(_WEIGHTS) or rel.as_posix() == "config.json")
-    model.save_pretrained(out_dir, safe_serialization=True)
+    cast("PreTrainedModel", model).save_pretrained(out_dir, safe_serialization=True)
     child = cand.evolve(kind="hf", path=out_dir, module=None)
     child.history.append(
         f"prune structured heads {step.amount:.0%}: {before}->{sum(kept)} heads in {len(chosen)} attention blocks"
@@ -106,9 +110,9 @@ def apply_heads(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate
     child.notes.append(
         f"mean-pooled embeddings of {len(texts)} texts stay at cosine {float(cosine.mean()):.4f} (min "
         f"{float(cosine.min()):.4f}) to the parent's; config.json records the kept heads under {HEADS_KEY}, "
-        "so the hf_transformers runtime loads it (maas.runtimes.hf_heads.load_model), not AutoModel.from_pretrained"
+        "so the hf_transformers runtime loads it (maas.runtimes.hf.load_model), not AutoModel.from_pretrained"
     )
     return child
 
 
-__all__ = ["HEADS_KEY", "apply_heads", "attention_blocks", "load_model", "shrink_block"]
+__all__ = ["HEADS_KEY", "apply", "attention_blocks", "load_model", "shrink_block"]

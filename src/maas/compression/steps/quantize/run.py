@@ -1,73 +1,34 @@
-"""The ``quantize`` recipe step: int8 with ONNX Runtime (ONNX and Hugging Face ONNX models) or torchao (torch).
+"""Running the ``quantize`` step with either backend: quantize, time the results, keep the fastest.
 
-Each backend is one module behind :class:`Backend`, found by name in :data:`BACKENDS` and imported on first
-use: :mod:`maas.compression.quantize_ort` and :mod:`maas.compression.quantize_torchao`. This module runs the
-step the same way for both: quantize in the asked mode (or, for ``mode: auto``, in every mode the backend
-has), then time the fp32 input and each int8 result at batch 32 on the example inputs, interleaved in this
-process, and keep the fastest. What was measured always goes into the candidate's notes, and an int8 model
-that is not faster than its fp32 input is said to be so plainly: int8 is not faster everywhere (small
-models, CPUs without int8 dot-product instructions).
+This module runs the step the same way for every backend (:mod:`~maas.compression.steps.quantize.backend`):
+quantize in the asked mode (or, for ``mode: auto``, in every mode the backend has), then time the fp32 input
+and each int8 result at batch 32 on the example inputs, interleaved in this process, and keep the fastest.
+What was measured always goes into the candidate's notes, and an int8 model that is not faster than its
+fp32 input is said to be so plainly: int8 is not faster everywhere (small models, CPUs without int8
+dot-product instructions).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import statistics
 import time
-from collections.abc import Callable, Sequence
-from typing import Protocol
+from collections.abc import Sequence
 
 import numpy as np
 
 from maas.compression.candidate import Candidate, StepContext
 from maas.compression.recipe import QuantizeStep
+from maas.compression.steps.quantize.backend import Runner, backend
 from maas.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-#: backend name -> module implementing :class:`Backend`, imported on first use.
-BACKENDS: dict[str, str] = {
-    "onnxruntime": "maas.compression.quantize_ort",
-    "torchao": "maas.compression.quantize_torchao",
-}
 #: Rows per timed call: the serving batch the choice is made for.
 TIMING_BATCH = 32
 #: Seconds of timed calls to spend (split over every model), within the bounds below.
 TIMING_BUDGET_S = 4.0
 MIN_ROUNDS, MAX_ROUNDS = 5, 30
-
-#: Runs one batch of ``TIMING_BATCH`` rows and returns the outputs as arrays.
-Runner = Callable[[], Sequence[np.ndarray]]
-
-
-class Backend(Protocol):
-    def modes(self, step: QuantizeStep) -> list[str]:
-        """The modes ``mode: auto`` tries."""
-        ...
-
-    def prepare(self, cand: Candidate, ctx: StepContext) -> Candidate:
-        """The fp32 candidate in the form this backend quantizes (an ONNX file, a torch module with Linear layers)."""
-        ...
-
-    def quantize(self, step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -> Candidate:
-        """A new candidate: ``cand`` (from :meth:`prepare`) quantized in ``mode``."""
-        ...
-
-    def runner(self, cand: Candidate, ctx: StepContext, rows: int) -> Runner:
-        """A callable running ``cand`` on ``rows`` rows built from the example inputs."""
-        ...
-
-    def describe(self, step: QuantizeStep, mode: str) -> str:
-        """The history line, e.g. ``quantize onnxruntime dynamic int8 (per-channel)``."""
-        ...
-
-
-def backend(name: str) -> Backend:
-    if name not in BACKENDS:
-        raise InvalidInput(f"unknown quantization backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    module: Backend = importlib.import_module(BACKENDS[name])
-    return module
 
 
 def apply(step: QuantizeStep, cand: Candidate, ctx: StepContext) -> Candidate:

@@ -26,8 +26,8 @@ from torch import fx, nn
 
 from maas.compression.candidate import Candidate, StepContext, example_tensors, to_torch
 from maas.compression.graph_module import as_graph_module
-from maas.compression.quantize import Runner
 from maas.compression.recipe import QuantizeStep
+from maas.compression.steps.quantize.backend import Runner
 from maas.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def prepare(cand: Candidate, ctx: StepContext) -> Candidate:
     """A torch candidate whose linear layers are ``nn.Linear`` modules (a copy: the parent never changes)."""
     base = to_torch(cand, ctx, why="quantize (torchao)")
     module = base.module
+    assert module is not None
     if isinstance(module, fx.GraphModule):
         module = _linear_modules(as_graph_module(module, example_tensors(ctx, base.signature)))
     else:
@@ -68,6 +69,7 @@ def quantize(step: QuantizeStep, mode: str, cand: Candidate, ctx: StepContext) -
     configs: dict[str, Any] = {"weight_only": Int8WeightOnlyConfig, "dynamic": Int8DynamicActivationInt8WeightConfig}
     if mode not in configs:
         raise InvalidInput(f"torchao has no quantization mode {mode!r}; use weight_only or dynamic")
+    assert cand.module is not None
     module = copy.deepcopy(cand.module).eval()
     quantize_(module, configs[mode]())
     module = unwrap_tensor_subclass(module)
@@ -104,6 +106,7 @@ def runner(cand: Candidate, ctx: StepContext, rows: int) -> Runner:
     idx = torch.arange(rows)
     args = tuple(t[idx % len(t)] for t in example_tensors(ctx, cand.signature))
     module = cand.module
+    assert module is not None
 
     def run() -> list[Any]:
         with torch.inference_mode():

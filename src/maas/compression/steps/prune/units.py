@@ -1,11 +1,11 @@
-"""The ``prune`` recipe step: structured (whole neurons, channels or attention heads) or unstructured.
+"""Neurons and channels (structured) or single weights (unstructured) pruned from a torch graph.
 
-Structured pruning ranks the units of each prunable layer (:mod:`maas.compression.prune_graph`) by the L2
-norm of their weights, keeps the strongest ``1 - amount``, and rebuilds every tensor that touches them at
-its smaller shape (the layer's rows and bias, a following batch norm, the next layer's columns), so the
-saved model is smaller and faster. Unstructured pruning zeroes the smallest weights of every linear and
-conv layer; shapes stay, so neither the file nor dense kernels get any smaller or faster. Heads of Hugging
-Face models are handled by :mod:`maas.compression.prune_heads`. The parent's module is never changed.
+Structured pruning ranks the units of each prunable layer (:mod:`maas.compression.steps.prune.graph`) by
+the L2 norm of their weights, keeps the strongest ``1 - amount``, and rebuilds every tensor that touches
+them at its smaller shape (the layer's rows and bias, a following batch norm, the next layer's columns), so
+the saved model is smaller and faster. Unstructured pruning zeroes the smallest weights of every linear and
+conv layer; shapes stay, so neither the file nor dense kernels get any smaller or faster. The parent's
+module is never changed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import fx
 
 from maas.compression.candidate import Candidate, StepContext, example_tensors, to_torch
 from maas.compression.graph_module import as_graph_module, get_tensor, set_tensor
-from maas.compression.prune_graph import Layer, find_layers, weight_layers
 from maas.compression.recipe import PruneStep, TrainSpec
+from maas.compression.steps.prune.graph import Layer, find_layers, weight_layers
 from maas.compression.tuning import fit, load_dataset
 from maas.errors import InvalidInput
 
@@ -27,10 +27,6 @@ _FLOAT = ("FP16", "BF16", "FP32", "FP64")
 
 def apply(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate:
     """A new ``torch`` candidate: ``cand`` pruned (and fine-tuned when ``step.finetune`` is set)."""
-    if step.method == "structured" and step.target == "heads":
-        from maas.compression.prune_heads import apply_heads
-
-        return apply_heads(step, cand, ctx)
     if cand.kind == "hf":
         raise InvalidInput(
             "a Hugging Face model can only lose attention heads here (method: structured, target: heads); "
@@ -40,6 +36,7 @@ def apply(step: PruneStep, cand: Candidate, ctx: StepContext) -> Candidate:
         raise InvalidInput("target 'heads' is for structured pruning of Hugging Face models; use method: structured")
     base = to_torch(cand, ctx, why="prune")
     examples = example_tensors(ctx, base.signature)
+    assert base.module is not None
     gm = as_graph_module(base.module, examples)
     child = base.evolve(kind="torch", module=gm, path=None)
     masks: dict[str, torch.Tensor] = {}
@@ -134,7 +131,7 @@ def _unstructured(step: PruneStep, gm: fx.GraphModule) -> dict[str, torch.Tensor
         flat = torch.cat([w.abs().flatten().float() for w in weights.values()])
         drop = torch.zeros(flat.numel(), dtype=torch.bool)
         drop[torch.topk(flat, round(step.amount * flat.numel()), largest=False).indices] = True
-        parts = drop.split([w.numel() for w in weights.values()])
+        parts = torch.split(drop, [w.numel() for w in weights.values()])
         masks = {t: (~p).reshape(w.shape).to(w.dtype) for (t, w), p in zip(weights.items(), parts, strict=True)}
     else:
         masks = {}

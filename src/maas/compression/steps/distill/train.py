@@ -1,4 +1,4 @@
-"""The ``distill`` recipe step: train a small student on the candidate's (the teacher's) soft predictions.
+"""The work of the ``distill`` recipe step: train a small student on the candidate's (the teacher's) soft predictions.
 
 The loss is Hinton et al.'s: ``alpha * T² * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) *
 cross_entropy(student, label)``. The teacher is run once over the whole training set, in batches, and its
@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from maas.compression import formats
 from maas.compression.candidate import Candidate, StepContext
 from maas.compression.recipe import DistillStep
+from maas.compression.sizes import count_parameters
 from maas.compression.tuning import fit, load_dataset, log_probs, output_kind, select_output, set_training
 from maas.errors import InvalidInput
 from maas.imports import resolve
-from maas.runtimes.export import ClassifierHead
 from maas.tensors import Signature, TensorSpec, datatype_of, numpy_dtype
 from maas.training.data import gather
 
@@ -76,7 +77,7 @@ def apply(step: DistillStep, cand: Candidate, ctx: StepContext) -> Candidate:
             students[name].append(student.cpu().eval())
 
     kept = students["distilled"][0]
-    served: nn.Module = ClassifierHead(kept) if step.head == "classifier" else kept
+    served: nn.Module = formats.classifier_head(kept) if step.head == "classifier" else kept
     child = cand.evolve(kind="torch", module=served, path=None, format=cand.format)
     child.signature = _signature(served, cand.signature, ctx)
     summary = _summary(step, cand, teacher, index, students, ctx)
@@ -103,10 +104,8 @@ def teacher_output_index(signature: Signature, name: str | None) -> int:
 
 def _teacher(cand: Candidate) -> TeacherFn:
     if cand.kind == "onnx":
-        from maas.runtimes.onnx import FORMAT as ONNX
-
         assert cand.path is not None
-        runtime = ONNX.load(cand.path)
+        runtime = formats.onnx_runtime(cand.path)
         specs = runtime.signature.inputs
 
         def run_onnx(x: Any) -> list[torch.Tensor]:
@@ -120,6 +119,7 @@ def _teacher(cand: Candidate) -> TeacherFn:
 
         return run_onnx
     module = cand.module
+    assert module is not None
     set_training(module, False)
 
     def run_torch(x: Any) -> list[torch.Tensor]:
@@ -233,10 +233,9 @@ def _student_fn(module: nn.Module) -> Callable[[Any], torch.Tensor]:
 
 def _teacher_params(cand: Candidate) -> int:
     if cand.kind == "onnx":
-        from maas.compression.report import count_parameters
-
         assert cand.path is not None
         return count_parameters(cand.path, "onnx")
+    assert cand.module is not None
     return sum(p.numel() for p in cand.module.parameters())
 
 
