@@ -113,6 +113,10 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         _num("MAAS_KEEPALIVE_TIMEOUT_S", 5.0),
         "Seconds an idle keep-alive connection stays open between requests.",
     ),
+    "MAAS_WRITE_TIMEOUT_S": (
+        _num("MAAS_WRITE_TIMEOUT_S", 30.0),
+        "Seconds a client may leave a response unread (no progress at all) before its connection is dropped.",
+    ),
     "MAAS_WATCH_INTERVAL_S": (
         _num("MAAS_WATCH_INTERVAL_S", 0.5),
         "How often the server polls the registry for alias moves and new versions.",

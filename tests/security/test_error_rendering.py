@@ -118,3 +118,34 @@ def test_reading_readiness_of_an_old_version_does_not_load_it(registry: Registry
     assert not ready and "first inference request" in why
     assert manager.loaded_versions() == {"lin": [2]}
     assert manager.model_ready("lin", "2") == (True, "")
+
+
+class _Panic(BaseException):
+    """What a Rust extension (tokenizers, safetensors) raises when it panics: not an ``Exception``."""
+
+
+def test_a_panicking_model_is_400_and_a_panic_anywhere_is_a_json_500(registry: Registry, tmp_path: Path) -> None:
+    from maas.serving.api.v2 import protocol
+    from maas.serving.manager import LoadedModel
+
+    mv = registry.register(make_linear_model(tmp_path / "m.onnx"), "lin")
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
+    request = protocol.decode_request(body, None, mv.signature)
+    with ThreadPoolExecutor(1) as pool:
+        service = V2Service(ModelManager(registry), ServerMetrics(), pool)
+        panicking = LoadedModel(mv, _Failing(_Panic("regex retry-limit-in-match over")), 0.0)  # type: ignore[arg-type]
+        with pytest.raises(InvalidInput, match="retry-limit"):
+            service._infer(panicking, request)
+
+    app = FastAPI()
+
+    @app.get("/panic")
+    async def panic() -> None:
+        raise _Panic("boom at " + SECRET)
+
+    errors.install(app)
+    app.add_middleware(RequestGuard, max_body_bytes=1024, body_timeout_s=5, max_inflight_bytes=1 << 20)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        r = client.get("/panic")
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    assert "request id" in r.json()["error"] and "boom" not in r.json()["error"]

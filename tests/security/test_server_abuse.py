@@ -4,6 +4,7 @@ while it is handled, and the server's memory comes back afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import socket
@@ -40,6 +41,7 @@ LIMITS = {
     "MAAS_MAX_INFLIGHT_BYTES": str(48 * MiB),
     "MAAS_HEADER_TIMEOUT_S": "1.5",
     "MAAS_BODY_TIMEOUT_S": "2",
+    "MAAS_WRITE_TIMEOUT_S": "2",
 }
 
 
@@ -81,10 +83,15 @@ def json_body(name: str, datatype: str, shape: list[int], data: object) -> bytes
     return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": shape, "data": data}]}).encode()
 
 
-def binary_body(name: str, datatype: str, shape: list[int], raw: bytes) -> tuple[bytes, dict[str, str]]:
-    header = json.dumps(
-        {"inputs": [{"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(raw)}}]}
-    ).encode()
+def binary_body(
+    name: str, datatype: str, shape: list[int], raw: bytes, *, binary_output: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    request: dict[str, object] = {
+        "inputs": [{"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": len(raw)}}]
+    }
+    if binary_output:
+        request["parameters"] = {"binary_data_output": True}
+    header = json.dumps(request).encode()
     return header + raw, {"Inference-Header-Content-Length": str(len(header))}
 
 
@@ -161,7 +168,7 @@ def test_json_over_its_own_limit_is_413_while_binary_of_that_size_is_served(serv
             post(server, "linear", json_body("x", "FP32", [rows, 4], data.ravel().tolist())), 413, "MAAS_MAX_JSON_BYTES"
         ),
     )
-    body, headers = binary_body("x", "FP32", [rows, 4], data.tobytes())
+    body, headers = binary_body("x", "FP32", [rows, 4], data.tobytes(), binary_output=True)
     r = post(server, "linear", body, headers)
     assert r.status_code == 200, r.text[:300]
 
@@ -394,3 +401,100 @@ def test_memory_returns_after_abuse(server: RemoteServer) -> None:
     after = proc.memory_info().rss
     assert after - before < 100 * MiB, f"RSS grew from {before / MiB:.0f} MiB to {after / MiB:.0f} MiB"
     assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+
+
+# -- found by review --------------------------------------------------------------------------------------------------
+
+
+def _established(server: RemoteServer) -> int:
+    assert server.proc is not None
+    conns = psutil.Process(server.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.laddr and c.laddr.port == server.port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def test_a_client_that_never_reads_its_responses_is_dropped(server: RemoteServer) -> None:
+    # Pipelined requests whose ~2.4 MB answers are never read: once the kernel's buffers are full the server's
+    # own buffer stays full, and the write deadline must free it and the connection.
+    rows = 60_000
+    body, headers = binary_body("x", "FP32", [rows, 4], np.ones((rows, 4), np.float32).tobytes())
+    head = (
+        "POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    socks = []
+    for _ in range(3):
+        s = _connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(2)
+        with contextlib.suppress(TimeoutError, OSError):  # the server stops reading once its answers are stuck
+            for _ in range(8):
+                s.sendall(head + body)
+        socks.append(s)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _established(server) > 0:
+            time.sleep(0.25)
+        assert _established(server) == 0, "connections with unread answers are still open"
+    finally:
+        for s in socks:
+            s.close()
+    assert httpx.get(f"{server.url}/v2/health/live").status_code == 200
+
+
+def test_json_output_counts_as_encoded_against_the_output_limit(server: RemoteServer) -> None:
+    rows = 300_000  # 2.4 MB of raw output, but ~12 MB as JSON numbers: over the 4 MiB limit
+    body, headers = binary_body(
+        "x", "FP32", [rows, 4], np.random.default_rng(1).random((rows, 4), np.float32).tobytes()
+    )
+    refused(post(server, "linear", body, headers), 413, "MAAS_MAX_OUTPUT_BYTES")
+    binary = json.loads(body[: int(headers["Inference-Header-Content-Length"])])
+    binary["parameters"] = {"binary_data_output": True}
+    header = json.dumps(binary).encode()
+    raw = body[int(headers["Inference-Header-Content-Length"]) :]
+    r = post(server, "linear", header + raw, {"Inference-Header-Content-Length": str(len(header))})
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_errors_quoting_huge_client_values_keep_liveness(server: RemoteServer) -> None:
+    count = 1_200_000
+    shape = b"[" + b"0," * count + b"-1]"
+    bad_shape = b'{"inputs":[{"name":"x","datatype":"FP32","shape":' + shape + b',"data":[]}]}'
+    bad_name = json_body("x" * (3 * MiB), "FP32", [1, 4], [1, 2, 3, 4])
+    bad_size = (
+        b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"parameters":{"binary_data_size":' + shape + b"}}]}"
+    )
+
+    def attack() -> None:
+        for body in (bad_shape, bad_name, bad_size):
+            r = post(server, "linear", body)
+            assert r.status_code in (400, 413), r.text[:300]
+            assert len(r.json()["error"]) <= 600
+
+    abuse_while_probing(server, attack)
+
+
+def test_many_small_nested_lists_keep_liveness(server: RemoteServer) -> None:
+    rows = 150_000  # ~2 MB of JSON, 150,000 lists: the cyclic GC must not scan the whole heap meanwhile
+    request = json.loads(json_body("x", "FP32", [rows, 4], [[0, 0, 0, 0]] * rows))
+    body = json.dumps({**request, "parameters": {"binary_data_output": True}}).encode()
+
+    def attack() -> None:
+        for _ in range(2):
+            assert post(server, "linear", body).status_code == 200
+
+    abuse_while_probing(server, attack)
+
+
+def test_malformed_http_gets_a_json_400(server: RemoteServer) -> None:
+    for raw in (
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ):
+        sock = _connect(server)
+        sock.sendall(raw)
+        answer = _read_all(sock, 5)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"application/json" in head and json.loads(body)["error"], answer[:300]

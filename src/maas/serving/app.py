@@ -40,6 +40,7 @@ def create_app(settings: ServerSettings | None = None, registry: Registry | None
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         memory.tune_allocator()
+        memory.freeze_heap()
         manager.start()
         try:
             yield

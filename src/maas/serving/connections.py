@@ -8,7 +8,12 @@ connections open. :func:`protocol_class` returns the same protocol with three bo
   ``header_timeout_s`` to finish the request's headers, else 408 and the connection is closed, so
   half-sent headers (slowloris) and silent sockets cannot pile up;
 - a body the app never read (an early answer such as 404 or 413) must finish arriving within the same
-  time after the answer, else the connection is closed.
+  time after the answer, else the connection is closed;
+- a write deadline: a client that stops reading its responses (its socket full, our buffer over the
+  high-water mark) for ``write_timeout_s`` has its connection dropped and the buffered response freed, so
+  unread answers (pipelined requests never read, say) cannot hold memory or a connection slot for ever.
+
+A request the HTTP parser cannot read is answered ``400`` with an ``{"error"}`` body, like every other error.
 
 The body's own deadline, for bodies the app reads, is :class:`maas.serving.guard.RequestGuard`'s.
 """
@@ -32,7 +37,9 @@ def _raw_response(status: int, reason: str, message: str, extra: bytes = b"") ->
     return head + extra + b"\r\n" + body
 
 
-def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asyncio.Protocol]:
+def protocol_class(
+    *, max_connections: int, header_timeout_s: float, write_timeout_s: float = 30.0
+) -> type[asyncio.Protocol]:
     """uvicorn's h11 protocol with the bounds of the module docstring (pass it as ``uvicorn.run(http=...)``)."""
     busy = _raw_response(
         503,
@@ -48,6 +55,7 @@ def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asy
 
     class GuardedH11Protocol(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
+        _write_deadline: asyncio.TimerHandle | None = None
         _refused = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -62,6 +70,7 @@ def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asy
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            self._cancel_write_deadline()
             if self._refused:
                 return
             super().connection_lost(exc)
@@ -79,6 +88,30 @@ def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asy
             super().on_response_complete()
             if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
                 self._arm()  # answered before the body was read: it must still finish arriving
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._write_deadline is None:
+                self._write_deadline = self.loop.call_later(write_timeout_s, self._write_expired)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            self._cancel_write_deadline()
+
+        def _cancel_write_deadline(self) -> None:
+            if self._write_deadline is not None:
+                self._write_deadline.cancel()
+                self._write_deadline = None
+
+        def _write_expired(self) -> None:
+            self._write_deadline = None
+            self.transport.abort()  # close() would wait for the client to read what is buffered
+
+        def send_400_response(self, msg: str) -> None:
+            self.transport.write(
+                _raw_response(400, "Bad Request", f"malformed HTTP request ({msg.rstrip('.')}); check its framing")
+            )
+            self.transport.close()
 
         def _arm(self) -> None:
             self._disarm()
@@ -103,6 +136,10 @@ def protocol_class(*, max_connections: int, header_timeout_s: float) -> type[asy
 def uvicorn_options(settings: Any) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` that apply ``settings``' connection bounds."""
     return {
-        "http": protocol_class(max_connections=settings.max_connections, header_timeout_s=settings.header_timeout_s),
+        "http": protocol_class(
+            max_connections=settings.max_connections,
+            header_timeout_s=settings.header_timeout_s,
+            write_timeout_s=settings.write_timeout_s,
+        ),
         "timeout_keep_alive": settings.keepalive_timeout_s,
     }

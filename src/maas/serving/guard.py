@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from maas.errors import PayloadTooLarge, RequestTimeout, Unavailable
+
+log = logging.getLogger(__name__)
 
 #: A client's own X-Request-ID is kept when it looks like an id (so logs can be joined), else replaced.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -79,8 +82,28 @@ class RequestGuard:
                 complete = True
             return message
 
+        started = False
+
+        async def send_tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send_with_id(message)
+
         try:
-            await self.app(scope, guarded, send_with_id)
+            await self.app(scope, guarded, send_tracked)
+        except (KeyboardInterrupt, SystemExit, asyncio.CancelledError):
+            raise
+        except BaseException:
+            # What got past every handler (a Rust extension's panic is a BaseException): a JSON 500 naming the
+            # request id, never the server's plain-text one.
+            log.exception("request %s failed past the error handlers", rid)
+            if not started:
+                await _send_json(
+                    send_with_id,
+                    500,
+                    f"internal server error; the server's log has the details under request id {rid}",
+                    [],
+                )
         finally:
             self.inflight_bytes -= held
 
@@ -114,8 +137,12 @@ def _content_length(scope: Scope) -> int | None:
 
 
 async def _send_error(send: Send, exc: PayloadTooLarge | Unavailable) -> None:
-    body = json.dumps({"error": str(exc)}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers.append((b"retry-after", b"1") if exc.http_status == 503 else (b"connection", b"close"))
-    await send({"type": "http.response.start", "status": exc.http_status, "headers": headers})
+    extra = [(b"retry-after", b"1") if exc.http_status == 503 else (b"connection", b"close")]
+    await _send_json(send, exc.http_status, str(exc), extra)
+
+
+async def _send_json(send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

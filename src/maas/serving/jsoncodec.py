@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,20 +31,45 @@ def loads(text: str) -> Any:
     return _python_decoder.decode(text)
 
 
-def dumps_flat(array: np.ndarray) -> str:
-    """A JSON list of ``array``'s elements in row-major order, encoded in slices (see the module docstring)."""
+class OverBudget(Exception):
+    """Encoding went past its :class:`Budget`."""
+
+
+class Budget:
+    """Bytes a response may still take (None: unbounded)."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.left = limit
+
+    def spend(self, size: int) -> None:
+        if self.left is not None:
+            self.left -= size
+            if self.left < 0:
+                raise OverBudget
+
+
+def dumps_flat(array: np.ndarray, budget: Budget | None = None) -> list[bytes]:
+    """A JSON list of ``array``'s elements in row-major order, as pieces of ASCII to join, encoded in slices
+    (see the module docstring) and charged to ``budget`` as they are made."""
     flat = array.reshape(-1)
-    parts = [
-        json.dumps(flat[i : i + ENCODE_SLICE].tolist(), separators=(",", ":"))[1:-1]
-        for i in range(0, flat.size, ENCODE_SLICE)
-    ]
-    return "[" + ",".join(parts) + "]"
+    return _pieces((flat[i : i + ENCODE_SLICE].tolist() for i in range(0, flat.size, ENCODE_SLICE)), budget)
 
 
-def dumps_texts(values: list[str]) -> str:
-    """A JSON list of strings, encoded in slices."""
-    parts = [
-        json.dumps(values[i : i + ENCODE_SLICE], separators=(",", ":"))[1:-1]
-        for i in range(0, len(values), ENCODE_SLICE)
-    ]
-    return "[" + ",".join(parts) + "]"
+def dumps_texts(values: list[str], budget: Budget | None = None) -> list[bytes]:
+    """A JSON list of strings, as :func:`dumps_flat` makes it."""
+    return _pieces((values[i : i + ENCODE_SLICE] for i in range(0, len(values), ENCODE_SLICE)), budget)
+
+
+def _pieces(slices: Iterator[list[Any]], budget: Budget | None) -> list[bytes]:
+    budget = budget or Budget(None)
+    out = [b"["]
+    for part in slices:
+        text = json.dumps(part, separators=(",", ":"))[1:-1].encode()
+        if not text:
+            continue
+        budget.spend(len(text) + 1)
+        if len(out) > 1:
+            out.append(b",")
+        out.append(text)
+    out.append(b"]")
+    return out

@@ -20,6 +20,7 @@ from maas.errors import InvalidInput, MaasError, NotFound, Unavailable
 from maas.registry import ModelVersion, Registry
 from maas.registry.uri import parse_version
 from maas.runtimes.base import Runtime
+from maas.serving import memory
 from maas.serving.errors import public_message
 from maas.serving.metrics import ServerMetrics
 
@@ -208,6 +209,7 @@ class ModelManager:
             loaded = LoadedModel(mv, runtime, time.perf_counter() - started)
             self.metrics.load_seconds.labels(name, str(version)).set(loaded.load_seconds)
             log.info("loaded %s in %.3fs", mv.uri, loaded.load_seconds)
+            memory.freeze_heap()  # the model's objects are long-lived: keep full collections from scanning them
             with self._lock:
                 slot.loaded = loaded
                 dep = self._deployments.get(name)

@@ -1,16 +1,17 @@
-"""Give memory back to the operating system after large requests.
+"""Keep the server's memory bounded and its garbage collector out of the way.
 
 glibc's malloc raises its mmap threshold each time a large block is freed, up to 32 MiB, after which
 request-sized buffers come from heap arenas that rarely shrink: a server that once decoded a few large
 requests would keep that memory for good. Fixing the threshold makes every large buffer its own mapping,
 returned when freed, and :func:`trim` hands back what the heap keeps free. Elsewhere than glibc both
-are no-ops.
+are no-ops. :func:`freeze_heap` keeps full garbage collections from scanning the long-lived heap.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 
 log = logging.getLogger(__name__)
@@ -51,3 +52,14 @@ def trim() -> None:
     lib = _glibc()
     if lib is not None:
         lib.malloc_trim(0)
+
+
+def freeze_heap() -> None:
+    """Move every object alive now out of the cyclic garbage collector's reach (``gc.freeze``).
+
+    A loaded model and the libraries behind it are hundreds of thousands of long-lived objects; each full
+    collection would scan them all (about 0.3 s, holding the GIL, so freezing the event loop), and a request
+    that allocates many lists or dicts (a nested JSON body) triggers such collections. Call after startup and
+    after each model load.
+    """
+    gc.freeze()

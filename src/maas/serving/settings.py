@@ -30,6 +30,7 @@ class ServerSettings(BaseModel):
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
+    write_timeout_s: float = Field(30.0, gt=0)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -48,6 +49,7 @@ class ServerSettings(BaseModel):
             "header_timeout_s": envs.MAAS_HEADER_TIMEOUT_S,
             "body_timeout_s": envs.MAAS_BODY_TIMEOUT_S,
             "keepalive_timeout_s": envs.MAAS_KEEPALIVE_TIMEOUT_S,
+            "write_timeout_s": envs.MAAS_WRITE_TIMEOUT_S,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)

@@ -17,6 +17,16 @@ from maas.serving.limits import RequestLimits
 from maas.tensors import DATATYPES, Signature, TensorSpec, format_shape
 
 
+def brief(value: Any) -> str:
+    """A client's value quoted in an error, bounded: never the whole of a 4-million-element list."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"a list of {len(value):,} items"
+    if isinstance(value, str | dict) and len(value) > 64:
+        return f"a {type(value).__name__} of {len(value):,} {'characters' if isinstance(value, str) else 'keys'}"
+    text = json.dumps(value) if isinstance(value, list | int | float | bool | None | str) else type(value).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
 def describe(specs: Sequence[TensorSpec]) -> str:
     return ", ".join(s.describe() for s in specs) or "(none)"
 
@@ -56,7 +66,7 @@ def check_input(spec: TensorSpec, datatype: Any, shape: Any, limits: RequestLimi
         )
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidInput(
-            f"input '{name}' shape must be a list of non-negative integers, got {json.dumps(shape)}; "
+            f"input '{name}' shape must be a list of non-negative integers, got {brief(shape)}; "
             f"model expects {format_shape(spec.shape)}"
         )
     count = limits.check_shape(name, shape, datatype)

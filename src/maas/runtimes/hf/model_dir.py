@@ -16,6 +16,7 @@ from typing import Any, Literal
 from maas.errors import InvalidInput
 from maas.runtimes.base import brief
 from maas.runtimes.hf.archive import check_links
+from maas.runtimes.hf.safetensors_check import check_safetensors
 
 ONNX_FILE = "model.onnx"
 SAFETENSORS_FILE = "model.safetensors"
@@ -114,6 +115,7 @@ def _weights(root: Path) -> Literal["onnx", "safetensors"]:
     if (root / ONNX_FILE).is_file():
         return "onnx"
     if (root / SAFETENSORS_FILE).is_file():
+        check_safetensors(root / SAFETENSORS_FILE)
         return "safetensors"
     if (root / SAFETENSORS_INDEX).is_file():
         shards = read_json(root / SAFETENSORS_INDEX).get("weight_map", {})
@@ -134,6 +136,8 @@ def _weights(root: Path) -> Literal["onnx", "safetensors"]:
                 f"{shown}/{SAFETENSORS_INDEX} lists missing or invalid shards: {bad or 'none listed'}; every shard "
                 "must be a .safetensors file inside the model directory"
             )
+        for shard in sorted(set(names)):
+            check_safetensors(root / shard)
         return "safetensors"
     pickles = sorted(p.name for p in root.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from maas.errors import InvalidInput
+from maas.errors import InvalidInput, PayloadTooLarge
 from maas.serving import jsoncodec, validation
 from maas.serving.api.v2 import tensor_data
 from maas.serving.api.v2.tensor_data import json_type
@@ -36,6 +36,8 @@ from maas.serving.limits import RequestLimits
 from maas.tensors import DATATYPES, Signature, TensorSpec, datatype_of, format_shape
 
 _DEFAULT_LIMITS = RequestLimits()
+#: A request id is echoed in the response; an identifier needs no more.
+MAX_ID_CHARS = 1024
 
 _UNSUPPORTED_PARAMETERS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification")
 
@@ -93,6 +95,8 @@ def decode_request(
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidInput(f"request 'id' must be a string, got {json_type(request_id)}")
+    if request_id is not None and len(request_id) > MAX_ID_CHARS:
+        raise InvalidInput(f"request 'id' has {len(request_id):,} characters; at most {MAX_ID_CHARS} are echoed back")
     parameters = _parameters(request, "the request")
     binary_data_output = _bool_parameter(parameters, "binary_data_output", "the request")
 
@@ -132,50 +136,62 @@ def encode_response(
     request_id: str | None,
     outputs: Mapping[str, np.ndarray],
     binary: set[str] | bool,
+    max_bytes: int | None = None,
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and the headers to send with it.
 
     ``binary`` is True for all outputs binary, else the names of the outputs to send binary. Outputs
     appear in ``outputs``' order. BYTES elements may be ``bytes`` or ``str`` (sent UTF-8 encoded).
+    ``max_bytes`` bounds the body (JSON text as it is encoded, binary data by its size): a response over it
+    raises :class:`~maas.errors.PayloadTooLarge` before more than that is built.
     """
-    tensors: list[str] = []
-    chunks: list[bytes] = []
-    for name, value in outputs.items():
-        data: str | None = None
-        arr = np.asarray(value)
-        if not arr.dtype.isnative:
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        datatype = datatype_of(arr.dtype)
-        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if binary is True or (binary is not False and name in binary):
-            raw = (
-                tensor_data.bytes_to_wire(arr)
-                if datatype == "BYTES"
-                else np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
-            )
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        elif datatype == "BYTES":
-            data = jsoncodec.dumps_texts(
-                [tensor_data.as_bytes(x).decode("utf-8", errors="replace") for x in arr.ravel()]
-            )
-        else:
-            data = jsoncodec.dumps_flat(arr)
-        # Tensor data is spliced in as text encoded in slices: one json.dumps of it all would hold the GIL.
-        encoded = json.dumps(tensor, separators=(",", ":"))
-        tensors.append(encoded if data is None else f'{encoded[:-1]},"data":{data}}}')
-
+    budget = jsoncodec.Budget(max_bytes)
     response: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         response["id"] = request_id
-    head = json.dumps(response, separators=(",", ":"))
-    header = f'{head[:-1]},"outputs":[{",".join(tensors)}]}}'.encode()
+    # The body is a list of pieces joined once at the end: tensor data is encoded in slices (one json.dumps of
+    # it all would hold the GIL), and no intermediate copy of a large response is ever made.
+    head: list[bytes] = [json.dumps(response, separators=(",", ":"))[:-1].encode(), b',"outputs":[']
+    chunks: list[bytes] = []
+    try:
+        for i, (name, value) in enumerate(outputs.items()):
+            arr = np.asarray(value)
+            if not arr.dtype.isnative:
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            datatype = datatype_of(arr.dtype)
+            tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+            data: list[bytes] | None = None
+            if binary is True or (binary is not False and name in binary):
+                raw = (
+                    tensor_data.bytes_to_wire(arr)
+                    if datatype == "BYTES"
+                    else np.ascontiguousarray(arr, arr.dtype.newbyteorder("<")).tobytes()
+                )
+                budget.spend(len(raw))
+                tensor["parameters"] = {"binary_data_size": len(raw)}
+                chunks.append(raw)
+            elif datatype == "BYTES":
+                texts = [tensor_data.as_bytes(x).decode("utf-8", errors="replace") for x in arr.ravel()]
+                data = jsoncodec.dumps_texts(texts, budget)
+            else:
+                data = jsoncodec.dumps_flat(arr, budget)
+            encoded = json.dumps(tensor, separators=(",", ":")).encode()
+            head.append(b"," if i else b"")
+            if data is None:
+                head.append(encoded)
+            else:
+                head += [encoded[:-1], b',"data":', *data, b"}"]
+    except jsoncodec.OverBudget:
+        raise PayloadTooLarge(
+            f"the response would be over {max_bytes:,} bytes (MAAS_MAX_OUTPUT_BYTES; JSON output counts as "
+            "encoded, about 20 bytes a number); ask for binary outputs, fewer outputs or smaller batches"
+        ) from None
+    head.append(b"]}")
+    header_length = sum(len(p) for p in head)
+    body = b"".join(head + chunks)
     if not chunks:
-        return header, {"Content-Type": "application/json"}
-    return b"".join([header, *chunks]), {
-        "Content-Type": "application/octet-stream",
-        "Inference-Header-Content-Length": str(len(header)),
-    }
+        return body, {"Content-Type": "application/json"}
+    return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
 
 
 def model_metadata(name: str, versions: Sequence[str], platform: str, signature: Signature) -> dict[str, Any]:
@@ -254,7 +270,7 @@ def _input_header(raw: Mapping[str, Any], spec: TensorSpec, limits: RequestLimit
     if size is not None:
         if type(size) is not int or size < 0:
             raise InvalidInput(
-                f"input '{name}' binary_data_size must be a non-negative integer, got {json.dumps(size)}"
+                f"input '{name}' binary_data_size must be a non-negative integer, got {validation.brief(size)}"
             )
         if "data" in raw:
             raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size; send one or the other")

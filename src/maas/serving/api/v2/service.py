@@ -147,7 +147,9 @@ class V2Service:
             raise
         except MemoryError:
             raise Unavailable(f"{uri} ran out of memory on this request; send smaller batches") from None
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # Rust extensions (tokenizers, safetensors) panic with a BaseException
             # The inputs matched the signature, so this is almost always data the model cannot take (an index
             # out of range, a dimension the graph fixes); the model's own words say which. Logged in full.
             log.info("%s failed on a request: %s: %s", uri, type(exc).__name__, exc)
@@ -155,7 +157,9 @@ class V2Service:
                 f"{uri} cannot run on these inputs: {public_message(f'{type(exc).__name__}: {exc}')}"
             ) from exc
         self.limits.check_outputs(uri, outputs)
-        return protocol.encode_response(loaded.name, str(loaded.version), req.id, outputs, req.binary)
+        return protocol.encode_response(
+            loaded.name, str(loaded.version), req.id, outputs, req.binary, self.limits.max_output_bytes
+        )
 
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
