@@ -119,10 +119,14 @@ class V2Service:
                 label_name = name
             loaded = await self.acquire(name, version)
             label_name, label_version = loaded.name, str(loaded.version)
-            async with self._decode_slot(heavy):
-                request = await self._run(self._decode, loaded, body, header_length, encoding)
-            del body
-            result: tuple[bytes, dict[str, str]] = await self._run(self._infer, loaded, request)
+            result: tuple[bytes, dict[str, str]]
+            if heavy:  # decoded under the cap, then run: two hops to a thread
+                async with self._decode_slot(heavy):
+                    request = await self._run(self._decode, loaded, body, header_length, encoding)
+                del body
+                result = await self._run(self._infer, loaded, request)
+            else:  # a small body: decoded and run in one hop
+                result = await self._run(self._decode_and_infer, loaded, body, header_length)
         except BaseException as exc:
             self.metrics.observe_request(label_name, label_version, time.perf_counter() - started, exc)
             raise
@@ -138,6 +142,11 @@ class V2Service:
         if encoding != "identity":
             body = inflate(body, encoding, self.limits.max_inflated_bytes)
         return protocol.decode_request(body, header_length, loaded.version_info.signature, self.limits)
+
+    def _decode_and_infer(
+        self, loaded: LoadedModel, body: bytes, header_length: int | None
+    ) -> tuple[bytes, dict[str, str]]:
+        return self._infer(loaded, self._decode(loaded, body, header_length, "identity"))
 
     def _infer(self, loaded: LoadedModel, req: protocol.DecodedRequest) -> tuple[bytes, dict[str, str]]:
         uri = loaded.version_info.uri
