@@ -17,6 +17,13 @@ def check_import_path(path: str) -> str:
     return path
 
 
+def load_entry(spec: str) -> Any:
+    """The object an extension table names as ``"module:attribute"`` (formats, steps, strategies, stores),
+    imported on first use. For import paths users write in configs, use :func:`resolve`: it explains failures."""
+    module_name, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
 def resolve(path: str, what: str) -> Any:
     """Import ``package.module:attribute``; ``InvalidInput`` naming ``what`` and the fix otherwise."""
     check_import_path(path)

@@ -9,10 +9,10 @@ through :data:`STORES` and imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import cast
 
+from maas.imports import load_entry
 from maas.registry.entities import AliasEvent, Lineage, ModelVersion, RegisteredModel, ServingTarget
 from maas.registry.runs import RunStore
 from maas.tensors import Signature
@@ -133,6 +133,5 @@ class MetadataStore(ABC):
 def open_store(url: str, *, busy_timeout_s: float = 60.0) -> MetadataStore:
     """The store for the database at ``url`` (a SQLAlchemy URL), its schema brought up to date."""
     scheme = url.split(":", 1)[0].split("+", 1)[0]
-    module, _, attr = STORES.get(scheme, DEFAULT_STORE).partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    cls = load_entry(STORES.get(scheme, DEFAULT_STORE))
     return cast(MetadataStore, cls(url, busy_timeout_s=busy_timeout_s))

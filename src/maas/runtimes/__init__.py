@@ -16,11 +16,11 @@ module or sub-package, each listed in that one's docstring and ``__all__``:
 
 from __future__ import annotations
 
-import importlib
 import zipfile
 from pathlib import Path
 
 from maas.errors import InvalidInput, UnsupportedFormat
+from maas.imports import load_entry
 from maas.runtimes.base import Format, Runtime, brief
 from maas.runtimes.hf import MARKER as HF_MARKER  # stdlib only: no heavy import
 from maas.tensors import Signature
@@ -43,8 +43,7 @@ def get_format(name: str) -> Format:
     if name not in FORMATS:
         raise UnsupportedFormat(f"unknown model format {name!r}; known formats: {', '.join(sorted(FORMATS))}")
     if name not in _loaded:
-        module_name, _, attr = FORMATS[name].partition(":")
-        _loaded[name] = getattr(importlib.import_module(module_name), attr)
+        _loaded[name] = load_entry(FORMATS[name])
     return _loaded[name]
 
 

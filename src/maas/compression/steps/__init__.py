@@ -7,11 +7,11 @@ work. Declarations import neither torch nor onnx; each step imports its machiner
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from maas.compression.steps.base import StepType
 from maas.errors import InvalidInput
+from maas.imports import load_entry
 
 #: step type -> "module:attribute" of its :class:`StepType`.
 STEPS: dict[str, str] = {
@@ -29,6 +29,5 @@ def step_type(name: str) -> StepType[Any]:
     if name not in STEPS:
         raise InvalidInput(f"unknown step type {name!r}; valid step types: {', '.join(STEPS)}")
     if name not in _loaded:
-        module_name, _, attr = STEPS[name].partition(":")
-        _loaded[name] = getattr(importlib.import_module(module_name), attr)
+        _loaded[name] = load_entry(STEPS[name])
     return _loaded[name]

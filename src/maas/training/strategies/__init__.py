@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from maas.imports import load_entry
 from maas.training.strategies.base import Strategy, WorkerContext
 
 #: strategy name -> "module:class"
@@ -18,8 +18,7 @@ STRATEGIES: dict[str, str] = {
 
 
 def build_strategy(config: Any, ctx: WorkerContext) -> Strategy:
-    module_name, _, attr = STRATEGIES[config.name].partition(":")
-    cls: type[Strategy] = getattr(importlib.import_module(module_name), attr)
+    cls: type[Strategy] = load_entry(STRATEGIES[config.name])
     return cls(config, ctx)
 
 
