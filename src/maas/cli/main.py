@@ -11,7 +11,7 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import compress, demo, gc, model_report, models, runs, serve, train
+from maas.cli import compress, demo, deploy, gc, model_report, models, runs, serve, train
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -25,6 +25,8 @@ app = typer.Typer(
 models.app.command("report")(model_report.report)
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
+app.add_typer(deploy.app, name="deployments")
+app.command("deploy")(deploy.deploy)
 app.command("serve")(serve.serve)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)

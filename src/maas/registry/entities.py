@@ -201,6 +201,38 @@ class ServingTarget:
     aliases: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Deployment:
+    """How a server serves a model name: batching, queueing, parallelism. ``revision`` 0 means the defaults.
+
+    The rules of the values are :func:`maas.registry.deployments.check_deployment`; the registry hands out only
+    deployments that follow them.
+    """
+
+    name: str  # the model name
+    max_batch_size: int = 1  # 1: no dynamic batching; else the most rows a batch holds (1..4096)
+    max_queue_delay_ms: float = 0.0  # how long a request may wait for company (0..10000); 0: never waits while idle
+    preferred_batch_sizes: tuple[int, ...] = ()  # batch sizes worth waiting for: each 1..max_batch_size, sorted, unique
+    max_queue_size: int = 256  # requests waiting per loaded version (1..1_000_000); beyond: 429
+    instances: int = 1  # batches of this model run at once (1..64)
+    threads: int | None = None  # compute threads per instance (1..256); None: the server's default
+    revision: int = 0  # moves on every change; 0: never deployed (the defaults)
+    updated_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "max_batch_size": self.max_batch_size,
+            "max_queue_delay_ms": self.max_queue_delay_ms,
+            "preferred_batch_sizes": list(self.preferred_batch_sizes),
+            "max_queue_size": self.max_queue_size,
+            "instances": self.instances,
+            "threads": self.threads,
+            "revision": self.revision,
+            "updated_at": self.updated_at.isoformat() if self.updated_at else None,
+        }
+
+
 #: Every status a training run can have; ``created`` until started, one of the last three once finished.
 RUN_STATUSES = ("created", "running", "succeeded", "failed", "interrupted")
 #: The statuses a run can finish with.

@@ -11,6 +11,7 @@ from maas import envs
 from maas.errors import ArtifactIntegrityError, InvalidInput, NotFound
 from maas.registry import debris
 from maas.registry.artifacts import ArtifactStore, LocalArtifactStore
+from maas.registry.deployments import DeploymentMethods
 from maas.registry.deprecated import DeprecatedRunMethods
 from maas.registry.entities import (
     AliasEvent,
@@ -54,8 +55,9 @@ def _metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-class Registry(DeprecatedRunMethods):
-    """Registered models, their numbered versions, aliases and lineage; training runs in :attr:`runs`.
+class Registry(DeploymentMethods, DeprecatedRunMethods):
+    """Registered models, their numbered versions, aliases, lineage and deployments (``deploy``,
+    ``get_deployment``, ``list_deployments``, ``undeploy``); training runs in :attr:`runs`.
 
     ``Registry()`` opens the embedded default (SQLite under ``MAAS_HOME``, or ``MAAS_DATABASE_URL``)
     and brings its schema up to date. Safe to use from several threads and processes at once.

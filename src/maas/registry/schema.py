@@ -6,7 +6,18 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -70,6 +81,26 @@ class AliasEventRow(Base):
     to_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     actor: Mapped[str | None] = mapped_column(String(128), nullable=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+
+
+class DeploymentRow(Base):
+    """A model's deployment. Undeploying keeps the row (``active`` False) so that its revision keeps counting up:
+    a server that compares revisions never mistakes a new deployment for one it already applied."""
+
+    __tablename__ = "deployments"
+
+    model_id: Mapped[int] = mapped_column(
+        ForeignKey("registered_models.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    active: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    max_batch_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    max_queue_delay_ms: Mapped[float] = mapped_column(Float, nullable=False)
+    preferred_batch_sizes: Mapped[list[int]] = mapped_column(JSON, nullable=False)
+    max_queue_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    instances: Mapped[int] = mapped_column(Integer, nullable=False)
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the server's default
+    revision: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
 class RunRow(Base):

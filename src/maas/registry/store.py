@@ -1,8 +1,8 @@
 """What the registry needs from its metadata storage, and which store a database URL opens.
 
 :class:`MetadataStore` is the interface the :class:`~maas.registry.registry.Registry` facade is written
-against: models, versions, aliases and what a server or ``maas gc`` asks of them, each call one
-transaction; runs are its :attr:`~MetadataStore.runs`, a :class:`~maas.registry.runs.RunStore`. Every
+against: models, versions, aliases, deployments and what a server or ``maas gc`` asks of them, each call
+one transaction; runs are its :attr:`~MetadataStore.runs`, a :class:`~maas.registry.runs.RunStore`. Every
 method returns entities (frozen dataclasses), never a storage row. A store is chosen by the URL's scheme
 through :data:`STORES` and imported on first use.
 """
@@ -10,10 +10,11 @@ through :data:`STORES` and imported on first use.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import cast
+from collections.abc import Mapping
+from typing import Any, cast
 
 from maas.imports import load_entry
-from maas.registry.entities import AliasEvent, Lineage, ModelVersion, RegisteredModel, ServingTarget
+from maas.registry.entities import AliasEvent, Deployment, Lineage, ModelVersion, RegisteredModel, ServingTarget
 from maas.registry.runs import RunStore
 from maas.tensors import Signature
 
@@ -27,7 +28,7 @@ DEFAULT_STORE = "maas.registry.sql.store:SqlStore"
 
 
 class MetadataStore(ABC):
-    """Registry metadata: models, their versions and aliases, and training runs (:attr:`runs`).
+    """Registry metadata: models, their versions, aliases and deployments, and training runs (:attr:`runs`).
 
     Names and aliases arrive validated; a missing model, version or alias is ``NotFound``.
     """
@@ -114,6 +115,28 @@ class MetadataStore(ABC):
     def rollback(self, name: str, alias: str, *, actor: str | None) -> AliasEvent:
         """Point ``alias`` back at the version it held before its last move; repeated calls keep walking
         back, skipping versions deleted since."""
+
+    # --- deployments ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def put_deployment(self, name: str, values: Mapping[str, Any]) -> Deployment:
+        """Merge ``values`` (settings of :class:`Deployment`) into the deployment of ``name``, or into the defaults
+        when it has none, and store the result, checked by
+        :func:`~maas.registry.deployments.merge_deployment`, with the next revision. A merge that changes nothing
+        returns the deployment as it is, its revision unchanged."""
+
+    @abstractmethod
+    def get_deployment(self, name: str) -> Deployment | None:
+        """The stored deployment of ``name``; None when it has none (it runs with the defaults)."""
+
+    @abstractmethod
+    def list_deployments(self) -> list[Deployment]:
+        """Every stored deployment, by model name, in one query."""
+
+    @abstractmethod
+    def delete_deployment(self, name: str) -> bool:
+        """Put ``name`` back on the defaults; whether it had a deployment. The revision a later deployment gets
+        still counts up from the last one."""
 
     # --- serving and garbage collection --------------------------------------------------------
 

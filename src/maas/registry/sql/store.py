@@ -1,18 +1,19 @@
-"""The SQL :class:`~maas.registry.store.MetadataStore`: one database, its models and its runs."""
+"""The SQL :class:`~maas.registry.store.MetadataStore`: one database, its models, deployments and runs."""
 
 from __future__ import annotations
 
 from sqlalchemy import Engine
 
+from maas.registry.sql.deployments import SqlDeploymentStore
 from maas.registry.sql.engine import Database
 from maas.registry.sql.models import SqlModelStore
 from maas.registry.sql.runs import SqlRunStore
 
 
-class SqlStore(SqlModelStore):
+class SqlStore(SqlDeploymentStore, SqlModelStore):
     """All registry metadata in the SQL database at ``url``, its schema brought up to date on opening.
 
-    Models through its own methods, runs through :attr:`runs`; each call one transaction.
+    Models and deployments through its own methods, runs through :attr:`runs`; each call one transaction.
     """
 
     def __init__(self, url: str, *, busy_timeout_s: float = 60.0) -> None:
