@@ -57,6 +57,15 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "MAAS_HOST": (_str("MAAS_HOST", "127.0.0.1"), "Address `maas serve` binds to."),
     "MAAS_PORT": (_num("MAAS_PORT", 8000, int), "Port `maas serve` listens on."),
+    "MAAS_GRPC_PORT": (
+        _num("MAAS_GRPC_PORT", 8001, int),
+        "Port of `maas serve`'s gRPC endpoint (Open Inference Protocol); `--no-grpc` turns it off.",
+    ),
+    "MAAS_WORKERS": (
+        _num("MAAS_WORKERS", 1, int),
+        "Server processes `maas serve` runs on the same ports (`--workers`); over 1, a supervisor process starts "
+        "them, restarts any that dies and stops them all on Ctrl-C.",
+    ),
     "MAAS_MAX_REQUEST_BYTES": (
         _num("MAAS_MAX_REQUEST_BYTES", 64 * 1024 * 1024, int),
         "Largest request body the server accepts; larger bodies get 413.",
@@ -128,6 +137,11 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     "MAAS_INFER_THREADS": (
         _num("MAAS_INFER_THREADS", 4, int),
         "Threads that run inference off the event loop.",
+    ),
+    "MAAS_RUNTIME_THREADS": (
+        _num("MAAS_RUNTIME_THREADS", 0, int),
+        "Compute threads of one model run (ONNX Runtime intra-op threads; torch's per process); 0: the runtime's "
+        "default, or the CPU count divided by the workers under `--workers N`. A deployment's `threads` wins.",
     ),
     "MAAS_DEVICE": (
         _str("MAAS_DEVICE", "cpu"),

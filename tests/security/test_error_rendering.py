@@ -19,10 +19,11 @@ from maas import runtimes
 from maas.errors import InvalidInput, Unavailable
 from maas.registry import Registry
 from maas.serving import errors
-from maas.serving.api.v2.service import V2Service
+from maas.serving.engine.core import Engine, guarded_run
 from maas.serving.guard import RequestGuard
 from maas.serving.manager import ModelManager
 from maas.serving.metrics import ServerMetrics
+from maas.serving.settings import ServerSettings
 from maas.testing.models import make_linear_model
 
 SECRET = "/srv/maas-home/artifacts/sha256/ab/secret-file.onnx"
@@ -70,16 +71,13 @@ def test_a_model_failing_on_a_request_is_400_without_paths(registry: Registry, t
     mv = registry.register(make_linear_model(tmp_path / "m.onnx"), "lin")
     body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
     request = protocol.decode_request(body, None, mv.signature)
-    manager = ModelManager(registry)
-    with ThreadPoolExecutor(1) as pool:
-        service = V2Service(manager, ServerMetrics(), pool)
-        failing = LoadedModel(mv, _Failing(RuntimeError(f"shape mismatch in {SECRET} line 3")), 0.0)  # type: ignore[arg-type]
-        with pytest.raises(InvalidInput) as info:
-            service._infer(failing, request)
-        assert "shape mismatch" in str(info.value) and "/srv" not in str(info.value)
-        oom = LoadedModel(mv, _Failing(MemoryError()), 0.0)  # type: ignore[arg-type]
-        with pytest.raises(Unavailable, match="out of memory"):
-            service._infer(oom, request)
+    failing = LoadedModel(mv, _Failing(RuntimeError(f"shape mismatch in {SECRET} line 3")), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput) as info:
+        guarded_run(failing)(request.inputs, request.requested_outputs)
+    assert "shape mismatch" in str(info.value) and "/srv" not in str(info.value)
+    oom = LoadedModel(mv, _Failing(MemoryError()), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable, match="out of memory"):
+        guarded_run(oom)(request.inputs, request.requested_outputs)
 
 
 def test_a_version_that_cannot_load_is_503_without_paths(
@@ -87,7 +85,7 @@ def test_a_version_that_cannot_load_is_503_without_paths(
 ) -> None:
     registry.register(make_linear_model(tmp_path / "m.onnx"), "lin")
 
-    def broken(path: Path, format: str, *, device: str = "cpu") -> Any:
+    def broken(path: Path, format: str, *, device: str = "cpu", threads: int | None = None) -> Any:
         raise InvalidInput(f"onnxruntime cannot load {path}: unknown operator in {SECRET}")
 
     monkeypatch.setattr(runtimes, "load", broken)
@@ -102,7 +100,7 @@ def test_a_version_that_cannot_load_is_503_without_paths(
     ready, why = manager.model_ready("lin", "1")
     assert not ready and "/srv" not in why
     with ThreadPoolExecutor(1) as pool:
-        service = V2Service(manager, ServerMetrics(), pool, load_wait_s=0.1)
+        service = Engine(manager, ServerMetrics(), pool, ServerSettings(load_wait_s=0.1))
         with pytest.raises(Unavailable):
             asyncio.run(service.acquire("lin", None))
 
@@ -131,11 +129,9 @@ def test_a_panicking_model_is_400_and_a_panic_anywhere_is_a_json_500(registry: R
     mv = registry.register(make_linear_model(tmp_path / "m.onnx"), "lin")
     body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1,4],"data":[1,2,3,4]}]}'
     request = protocol.decode_request(body, None, mv.signature)
-    with ThreadPoolExecutor(1) as pool:
-        service = V2Service(ModelManager(registry), ServerMetrics(), pool)
-        panicking = LoadedModel(mv, _Failing(_Panic("regex retry-limit-in-match over")), 0.0)  # type: ignore[arg-type]
-        with pytest.raises(InvalidInput, match="retry-limit"):
-            service._infer(panicking, request)
+    panicking = LoadedModel(mv, _Failing(_Panic("regex retry-limit-in-match over")), 0.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="retry-limit"):
+        guarded_run(panicking)(request.inputs, request.requested_outputs)
 
     app = FastAPI()
 

@@ -1,4 +1,4 @@
-"""The model manager and the v2 service in-process, with a runtime whose load we control."""
+"""The model manager and the serving engine in-process, with a runtime whose load we control."""
 
 import asyncio
 import threading
@@ -12,9 +12,10 @@ import pytest
 from maas import runtimes
 from maas.errors import ArtifactIntegrityError, NotFound, Unavailable
 from maas.registry import Registry
-from maas.serving.api.v2.service import V2Service
+from maas.serving.engine.core import Engine
 from maas.serving.manager import Loading, ModelManager
 from maas.serving.metrics import ServerMetrics
+from maas.serving.settings import ServerSettings
 from maas.testing.models import make_linear_model
 from tests.unit.test_registry import flip_byte
 
@@ -26,9 +27,9 @@ class GatedLoad:
         self.gate = threading.Event()
         self.real = runtimes.load
 
-    def __call__(self, path: Path, format: str, *, device: str = "cpu") -> runtimes.Runtime:
+    def __call__(self, path: Path, format: str, *, device: str = "cpu", threads: int | None = None) -> runtimes.Runtime:
         assert self.gate.wait(10)
-        return self.real(path, format, device=device)
+        return self.real(path, format, device=device, threads=threads)
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_loading_model_is_503_after_the_wait_then_served(registry: Registry, tmp
         manager.lookup("lin")
     assert manager.model_ready("lin", None)[0] is False
     with ThreadPoolExecutor(2) as pool:
-        service = V2Service(manager, ServerMetrics(), pool, load_wait_s=0.1)
+        service = Engine(manager, ServerMetrics(), pool, ServerSettings(load_wait_s=0.1))
         with pytest.raises(Unavailable, match="loading"):
             asyncio.run(service.acquire("lin", None))
         gated.gate.set()
@@ -128,7 +129,7 @@ def test_deleted_version_is_no_longer_served(registry: Registry, tmp_path: Path)
 def test_failed_explicit_version_recovers_once_the_artifact_is_restored(
     registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import maas.serving.manager as manager_module
+    import maas.serving.manager.loading as manager_module
 
     monkeypatch.setattr(manager_module, "RETRY_FAILED_S", 0.3)
     mv = registry.register(make_linear_model(tmp_path / "a.onnx"), "m")

@@ -101,8 +101,11 @@ def inspect(path: Path, format: str) -> Signature:
     return get_format(format).inspect(path)
 
 
-def load(path: Path, format: str, *, device: str = "cpu") -> Runtime:
-    return get_format(format).load(path, device=device)
+def load(path: Path, format: str, *, device: str = "cpu", threads: int | None = None) -> Runtime:
+    fmt = get_format(format)
+    if threads is None:  # formats from other packages may predate the threads option
+        return fmt.load(path, device=device)
+    return fmt.load(path, device=device, threads=threads)
 
 
 __all__ = ["FORMATS", "Format", "Runtime", "Signature", "detect_format", "get_format", "inspect", "load", "pack"]

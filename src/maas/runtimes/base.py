@@ -49,8 +49,9 @@ class Format(Protocol):
         is not a valid artifact of this format."""
         ...
 
-    def load(self, path: Path, *, device: str = "cpu") -> Runtime:
-        """Load the artifact for inference. Never executes code stored in the file."""
+    def load(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> Runtime:
+        """Load the artifact for inference. Never executes code stored in the file. ``threads``: compute threads
+        for one call, where the runtime can set them per model (None: the runtime's default)."""
         ...
 
 

@@ -140,10 +140,17 @@ def _refuse_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _session(
-    data: bytes, path: Path, providers: Sequence[str], optimization: ort.GraphOptimizationLevel
+    data: bytes,
+    path: Path,
+    providers: Sequence[str],
+    optimization: ort.GraphOptimizationLevel,
+    threads: int | None = None,
 ) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = optimization
+    if threads is not None:  # else onnxruntime's default: one thread per physical core
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
     options.log_severity_level = 3
@@ -220,7 +227,7 @@ class OnnxFormat:
         _session(data, path, ["CPUExecutionProvider"], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         return signature
 
-    def load(self, path: Path, *, device: str = "cpu") -> OnnxRuntime:
+    def load(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> OnnxRuntime:
         data, model = _read(path)
         signature = _signature(model, path)
         del model
@@ -228,7 +235,7 @@ class OnnxFormat:
             device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers(), runtime="onnxruntime"
         )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if want == "cuda" else ["CPUExecutionProvider"]
-        session = _session(data, path, providers, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        session = _session(data, path, providers, ort.GraphOptimizationLevel.ORT_ENABLE_ALL, threads)
         used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if used != want:
             logger.warning("%s: the CUDA provider failed to start; running on the CPU", path.name)

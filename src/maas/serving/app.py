@@ -1,71 +1,72 @@
-"""The server's app factory: the model manager, the API families, error mapping, limits and metrics."""
+"""The server's app factory: the serving context, the API families, error mapping, limits and metrics."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
+from starlette.types import Receive, Scope, Send
 
 from maas import __version__
 from maas.registry import Registry
-from maas.serving import errors, memory
+from maas.serving import errors
+from maas.serving.api.v2.infer import FastInfer
 from maas.serving.api.v2.router import build_router
-from maas.serving.api.v2.service import V2Service
+from maas.serving.context import ServingContext
 from maas.serving.guard import RequestGuard
-from maas.serving.manager import ModelManager
-from maas.serving.metrics import ServerMetrics
 from maas.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    ctx: ServingContext = app.state.ctx
+    await ctx.start()
+    try:
+        yield
+    finally:
+        await ctx.stop()
+
+
+async def prometheus(request: Request) -> Response:
+    metrics = request.app.state.ctx.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+class MaasApp(FastAPI):
+    """FastAPI with maas's front door: every HTTP request passes the :class:`RequestGuard` (limits, request id) and
+    the inference fast path (:class:`FastInfer`) before FastAPI's own middleware and routing, which the other
+    routes still get."""
+
+    def __init__(self, ctx: ServingContext, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.state.ctx = ctx
+        settings = ctx.settings
+        self._front = RequestGuard(
+            FastInfer(super().__call__, ctx),
+            max_body_bytes=settings.max_request_bytes,
+            body_timeout_s=settings.body_timeout_s,
+            max_inflight_bytes=settings.max_inflight_bytes,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._front(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+
 def create_app(settings: ServerSettings | None = None, registry: Registry | None = None) -> FastAPI:
     """Build the server. The registry is opened here unless given; models load in the background."""
-    settings = settings or ServerSettings.from_env()
-    registry = registry or Registry()
-    metrics = ServerMetrics()
-    manager = ModelManager(
-        registry,
-        models=settings.models,
-        device=settings.device,
-        watch_interval_s=settings.watch_interval_s,
-        metrics=metrics,
-    )
-    executor = ThreadPoolExecutor(max_workers=settings.infer_threads, thread_name_prefix="maas-infer")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        memory.tune_allocator()
-        memory.freeze_heap()
-        manager.start()
-        try:
-            yield
-        finally:
-            manager.stop()
-            executor.shutdown(wait=False, cancel_futures=True)
-
-    app = FastAPI(title="maas", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
-    app.state.settings = settings
-    app.state.manager = manager
-    app.state.metrics = metrics
-    app.state.v2 = V2Service(manager, metrics, executor, settings)
+    ctx = ServingContext.build(settings or ServerSettings.from_env(), registry)
+    app = MaasApp(ctx, title="maas", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.include_router(build_router())
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
-
+    app.add_api_route("/metrics", prometheus, methods=["GET"], include_in_schema=False)
     errors.install(app)
-    app.add_middleware(
-        RequestGuard,
-        max_body_bytes=settings.max_request_bytes,
-        body_timeout_s=settings.body_timeout_s,
-        max_inflight_bytes=settings.max_inflight_bytes,
-    )
     return app
 
 

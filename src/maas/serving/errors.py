@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -39,12 +40,28 @@ def request_id(request: Request) -> str:
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=error_headers(status, headers))
+
+
+def error_headers(status: int, headers: dict[str, str] | None = None) -> dict[str, str]:
     headers = dict(headers or {})
     if status in (429, 503):
         headers.setdefault("Retry-After", "1")
     if status in (408, 413):
         headers["Connection"] = "close"
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return headers
+
+
+def render(exc: BaseException, rid: str, where: str) -> tuple[int, dict[str, str], bytes]:
+    """``exc`` as a REST answer: status, headers and the ``{"error"}`` body. ``where`` (method and path) goes to the
+    log of an unexpected error, never to the client."""
+    if isinstance(exc, MaasError) and not (exc.http_status >= 500 and type(exc) is MaasError):
+        status, message = exc.http_status, public_message(str(exc))
+    else:
+        log.error("request %s (%s) failed", rid, where, exc_info=exc)
+        status, message = 500, f"internal server error; the server's log has the details under request id {rid}"
+    headers = error_headers(status, {"Content-Type": "application/json"})
+    return status, headers, orjson.dumps({"error": message})
 
 
 def install(app: FastAPI) -> None:

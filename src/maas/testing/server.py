@@ -43,6 +43,9 @@ class RemoteServer:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.address}"
+        #: The gRPC endpoint (``host:port`` for tritonclient.grpc).
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.args = args or []
         self.env = {**os.environ, "MAAS_HOME": str(self.home), "PYTHONUNBUFFERED": "1", **(env or {})}
         self.ready_timeout_s = ready_timeout_s
@@ -51,7 +54,17 @@ class RemoteServer:
         self._log = tempfile.NamedTemporaryFile(prefix="maas-serve-", suffix=".log", delete=False)  # noqa: SIM115
 
     def start(self) -> RemoteServer:
-        cmd = [sys.executable, "-m", "maas", "serve", "--port", str(self.port), *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "maas",
+            "serve",
+            "--port",
+            str(self.port),
+            "--grpc-port",
+            str(self.grpc_port),
+            *self.args,
+        ]
         # Its own session, killed at interpreter exit at the latest: a failed or timed-out test leaves no server.
         self.proc = processes.popen(cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.ready_timeout_s

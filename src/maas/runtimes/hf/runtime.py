@@ -136,7 +136,9 @@ class HFTransformersFormat:
         Tokenizer(info.root)  # a tokenizer.json that does not load is an invalid artifact
         return _signature(_check_onnx(info) if info.weights == "onnx" else info.hidden_size)
 
-    def load(self, path: Path, *, device: str = "cpu") -> HFEmbeddingRuntime:
+    def load(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> HFEmbeddingRuntime:
+        # torch sets compute threads per process (torch.set_num_threads, from MAAS_RUNTIME_THREADS), not per model.
+        del threads
         info = read_model_dir(unpack(path))
         tokenizer = Tokenizer(info.root)
         backend: _Backend

@@ -124,7 +124,9 @@ class TorchExportFormat:
         program, names = read_program(path)
         return _signature(program, names, path)
 
-    def load(self, path: Path, *, device: str = "cpu") -> TorchExportRuntime:
+    def load(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> TorchExportRuntime:
+        # torch sets compute threads per process (torch.set_num_threads, from MAAS_RUNTIME_THREADS), not per model.
+        del threads
         used = resolve_device(device, cuda_available=torch.cuda.is_available(), runtime="torch")
         program, names = read_program(path)
         signature = _signature(program, names, path)

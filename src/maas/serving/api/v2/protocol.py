@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from maas.errors import InvalidInput, PayloadTooLarge
 from maas.serving import jsoncodec, validation
@@ -151,7 +152,7 @@ def encode_response(
         response["id"] = request_id
     # The body is a list of pieces joined once at the end: tensor data is encoded in slices (one json.dumps of
     # it all would hold the GIL), and no intermediate copy of a large response is ever made.
-    head: list[bytes] = [json.dumps(response, separators=(",", ":"))[:-1].encode(), b',"outputs":[']
+    head: list[bytes] = [_dumps(response)[:-1], b',"outputs":[']
     chunks: list[bytes] = []
     try:
         for i, (name, value) in enumerate(outputs.items()):
@@ -175,7 +176,7 @@ def encode_response(
                 data = jsoncodec.dumps_texts(texts, budget)
             else:
                 data = jsoncodec.dumps_flat(arr, budget)
-            encoded = json.dumps(tensor, separators=(",", ":")).encode()
+            encoded = _dumps(tensor)
             head.append(b"," if i else b"")
             if data is None:
                 head.append(encoded)
@@ -194,7 +195,14 @@ def encode_response(
     return body, {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": str(header_length)}
 
 
-def model_metadata(name: str, versions: Sequence[str], platform: str, signature: Signature) -> dict[str, Any]:
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # e.g. an id with a lone surrogate, which the standard library escapes
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def model_metadata(name: str, versions: Sequence[str], platform: str, signature: Signature | Any) -> dict[str, Any]:
     """The body of ``GET /v2/models/{name}[/versions/{v}]``."""
     return {
         "name": name,
@@ -210,7 +218,7 @@ def model_metadata(name: str, versions: Sequence[str], platform: str, signature:
 
 def _parse_json(header: bytes) -> dict[str, Any]:
     try:
-        request = jsoncodec.loads(bytes(header).decode("utf-8"))
+        request = jsoncodec.loads(bytes(header))
     except UnicodeDecodeError as e:
         raise InvalidInput(f"request JSON is not valid UTF-8 ({e}); check Inference-Header-Content-Length") from None
     except json.JSONDecodeError as e:

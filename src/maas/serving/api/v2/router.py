@@ -1,4 +1,5 @@
-"""HTTP routes of the Open Inference Protocol v2 (KServe/Triton REST), binary tensor extension included."""
+"""HTTP routes of the Open Inference Protocol v2 (KServe/Triton REST), binary tensor extension included; module-level
+handlers over the serving context in ``app.state.ctx``."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from maas.errors import InvalidInput, UnsupportedMediaType
-from maas.serving.api.v2.service import V2Service
+from maas.serving.api.v2 import infer as rest
+from maas.serving.api.v2 import protocol
+from maas.serving.context import ServingContext
 from maas.tensors import DATATYPES
-
-HEADER_LENGTH = "inference-header-content-length"
 
 _TENSOR = {
     "type": "object",
@@ -54,83 +54,66 @@ INFER_OPENAPI: dict[str, Any] = {
 }
 
 
-def _service(request: Request) -> V2Service:
-    service: V2Service = request.app.state.v2
-    return service
+def _ctx(request: Request) -> ServingContext:
+    ctx: ServingContext = request.app.state.ctx
+    return ctx
 
 
-def _header_length(request: Request) -> int | None:
-    raw = request.headers.get(HEADER_LENGTH)
-    if raw is None:
-        return None
-    raw = raw.strip()
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
-        raise InvalidInput(f"header Inference-Header-Content-Length must be a byte count, got {raw!r}")
-    return int(raw)
+async def live() -> dict[str, bool]:
+    return {"live": True}
 
 
-def _encoding(request: Request) -> str:
-    encoding = request.headers.get("content-encoding", "identity").strip().lower() or "identity"
-    if encoding not in ("identity", "gzip", "deflate"):
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    return encoding
+async def ready(request: Request) -> JSONResponse:
+    ok, why = _ctx(request).engine.server_ready()
+    return JSONResponse({"ready": True} if ok else {"ready": False, "error": why}, status_code=200 if ok else 503)
+
+
+async def server_metadata(request: Request) -> dict[str, object]:
+    return _ctx(request).engine.server_metadata()
+
+
+async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, object]:
+    meta = await _ctx(request).engine.model_metadata(name, version)
+    return protocol.model_metadata(meta.name, meta.versions, meta.platform, meta) | {"version": meta.version}
+
+
+async def model_config(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+    return await _ctx(request).engine.model_config(name, version)
+
+
+async def model_ready(request: Request, name: str, version: str | None = None) -> JSONResponse:
+    ok, why = await _ctx(request).engine.model_ready(name, version)
+    body: dict[str, object] = {"name": name, "ready": ok}
+    if version is not None:
+        body["version"] = version
+    if not ok:
+        body["error"] = why
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+async def infer(request: Request, name: str, version: str | None = None) -> Response:
+    """Documents the call in OpenAPI; requests normally reach :class:`maas.serving.api.v2.infer.FastInfer` first."""
+    length = rest.header_length(request.headers.get(rest.HEADER_LENGTH))
+    encoding = rest.content_encoding(request.headers.get("content-encoding"))
+    body = await request.body()
+    payload, headers = await rest.infer(_ctx(request), name, version, body, length, encoding)
+    media_type = headers.pop("Content-Type", "application/json")
+    return Response(payload, media_type=media_type, headers=headers)
 
 
 def build_router() -> APIRouter:
     router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
-
-    @router.get("/health/live")
-    async def live() -> dict[str, bool]:
-        return {"live": True}
-
-    @router.get("/health/ready")
-    async def ready(request: Request) -> JSONResponse:
-        ok, why = request.app.state.manager.ready()
-        return JSONResponse({"ready": True} if ok else {"ready": False, "error": why}, status_code=200 if ok else 503)
-
-    @router.get("")
-    async def server_metadata(request: Request) -> dict[str, object]:
-        return _service(request).server_metadata()
-
-    @router.get("/models/{name}")
-    async def model_metadata(name: str, request: Request) -> dict[str, object]:
-        return await _service(request).model_metadata(name, None)
-
-    @router.get("/models/{name}/versions/{version}")
-    async def model_version_metadata(name: str, version: str, request: Request) -> dict[str, object]:
-        return await _service(request).model_metadata(name, version)
-
-    async def _ready(request: Request, name: str, version: str | None) -> JSONResponse:
-        ok, why = await _service(request).model_ready(name, version)
-        body: dict[str, object] = {"name": name, "ready": ok}
-        if version is not None:
-            body["version"] = version
-        if not ok:
-            body["error"] = why
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @router.get("/models/{name}/ready")
-    async def model_ready(name: str, request: Request) -> JSONResponse:
-        return await _ready(request, name, None)
-
-    @router.get("/models/{name}/versions/{version}/ready")
-    async def model_version_ready(name: str, version: str, request: Request) -> JSONResponse:
-        return await _ready(request, name, version)
-
-    async def _infer(request: Request, name: str, version: str | None) -> Response:
-        header_length = _header_length(request)
-        encoding = _encoding(request)
-        body = await request.body()
-        payload, headers = await _service(request).infer(name, version, body, header_length, encoding)
-        media_type = headers.pop("Content-Type", "application/json")
-        return Response(payload, media_type=media_type, headers=headers)
-
-    @router.post("/models/{name}/infer", openapi_extra=INFER_OPENAPI)
-    async def infer(name: str, request: Request) -> Response:
-        return await _infer(request, name, None)
-
-    @router.post("/models/{name}/versions/{version}/infer", openapi_extra=INFER_OPENAPI)
-    async def infer_version(name: str, version: str, request: Request) -> Response:
-        return await _infer(request, name, version)
-
+    router.add_api_route("/health/live", live, methods=["GET"])
+    router.add_api_route("/health/ready", ready, methods=["GET"])
+    router.add_api_route("", server_metadata, methods=["GET"])
+    router.add_api_route("/models/{name}", model_metadata, methods=["GET"])
+    router.add_api_route("/models/{name}/versions/{version}", model_metadata, methods=["GET"])
+    router.add_api_route("/models/{name}/config", model_config, methods=["GET"])
+    router.add_api_route("/models/{name}/versions/{version}/config", model_config, methods=["GET"])
+    router.add_api_route("/models/{name}/ready", model_ready, methods=["GET"])
+    router.add_api_route("/models/{name}/versions/{version}/ready", model_ready, methods=["GET"])
+    router.add_api_route("/models/{name}/infer", infer, methods=["POST"], openapi_extra=INFER_OPENAPI)
+    router.add_api_route(
+        "/models/{name}/versions/{version}/infer", infer, methods=["POST"], openapi_extra=INFER_OPENAPI
+    )
     return router

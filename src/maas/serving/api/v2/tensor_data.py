@@ -82,6 +82,8 @@ def from_json(spec: TensorSpec, shape: list[int], data: list[Any], limits: Reque
         )
     bad = types - _ALLOWED_JSON_TYPES[datatype]
     if bad:
+        if bad == {float} and datatype[0] in "IU":
+            _check_huge_integers(name, datatype, flat)
         found = ", ".join(sorted(_JSON_TYPE_NAMES.get(t, t.__name__) for t in bad))
         raise InvalidInput(f"input '{name}' is {datatype} but its data holds {found}; {_expected_values(datatype)}")
     if len(flat) != count:
@@ -103,6 +105,14 @@ def from_json(spec: TensorSpec, shape: list[int], data: list[Any], limits: Reque
     return arr.reshape(shape)
 
 
+def _check_huge_integers(name: str, datatype: str, flat: list[Any]) -> None:
+    """orjson reads an integer past 64 bits as a float: name it as the out-of-range integer the client sent."""
+    info = np.iinfo(DATATYPES[datatype])
+    for x in flat:
+        if type(x) is float and x.is_integer() and not info.min <= x <= info.max:
+            raise InvalidInput(f"input '{name}' value {int(x)} is out of range for {datatype} [{info.min}, {info.max}]")
+
+
 def _json_slice(name: str, datatype: str, dtype: np.dtype[Any], flat: list[Any]) -> np.ndarray:
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
@@ -118,13 +128,16 @@ def _json_slice(name: str, datatype: str, dtype: np.dtype[Any], flat: list[Any])
             wide = np.array(flat, dtype=np.float64)
         except OverflowError:
             raise InvalidInput(f"input '{name}' holds an integer too large for {datatype}") from None
-        with np.errstate(over="ignore"):
-            arr = wide.astype(dtype)
-        if dtype != wide.dtype and np.any(np.isinf(arr) & np.isfinite(wide)):
-            raise InvalidInput(
-                f"input '{name}' holds values out of range for {datatype} (max {float(np.finfo(dtype).max)})"
-            )
-        return arr
+        if dtype == wide.dtype:
+            return wide
+        top = float(np.finfo(dtype).max)
+        if wide.size and (wide.max() > top or wide.min() < -top):  # NaN compares False: it passes through
+            with np.errstate(over="ignore"):
+                arr = wide.astype(dtype)
+            if np.any(np.isinf(arr) & np.isfinite(wide)):
+                raise InvalidInput(f"input '{name}' holds values out of range for {datatype} (max {top})")
+            return arr
+        return wide.astype(dtype)
     return np.array(flat, dtype=dtype)
 
 

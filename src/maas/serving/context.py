@@ -1,0 +1,66 @@
+"""What one server process shares between its API families: settings, registry, model manager, metrics, the
+inference threads and the serving engine; built once, started and stopped with the server."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from maas.registry import Registry
+from maas.serving import memory
+from maas.serving.engine.core import Engine
+from maas.serving.manager import ModelManager
+from maas.serving.metrics import ServerMetrics
+from maas.serving.settings import ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingContext:
+    settings: ServerSettings
+    registry: Registry
+    metrics: ServerMetrics
+    manager: ModelManager
+    executor: ThreadPoolExecutor
+    engine: Engine
+    grpc_server: Any = None
+
+    @classmethod
+    def build(cls, settings: ServerSettings, registry: Registry | None = None) -> ServingContext:
+        registry = registry or Registry()
+        metrics = ServerMetrics()
+        manager = ModelManager(
+            registry,
+            models=settings.models,
+            device=settings.device,
+            watch_interval_s=settings.watch_interval_s,
+            metrics=metrics,
+        )
+        executor = ThreadPoolExecutor(max_workers=settings.infer_threads, thread_name_prefix="maas-infer")
+        engine = Engine(manager, metrics, executor, settings)
+        return cls(settings, registry, metrics, manager, executor, engine)
+
+    async def start(self) -> None:
+        """Start following the registry (models load in the background) and the gRPC endpoint, if configured."""
+        memory.tune_allocator()
+        memory.freeze_heap()
+        self.manager.start()
+        if self.settings.grpc_port is not None:
+            from maas.serving.grpc.server import start_grpc
+
+            self.grpc_server = await start_grpc(
+                self.engine,
+                self.settings.host,
+                self.settings.grpc_port,
+                max_message_bytes=self.settings.max_request_bytes,
+            )
+
+    async def stop(self) -> None:
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=2)
+        await self.engine.close()
+        self.manager.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,5 @@
+"""The Open Inference Protocol over gRPC (``inference.GRPCInferenceService``), the endpoint ``tritonclient.grpc``
+and other OIP clients speak; it runs beside the REST API on the same :class:`~maas.serving.engine.core.Engine`.
+
+:mod:`.codec` turns messages into the engine's requests and back; :mod:`.server` serves them.
+"""
