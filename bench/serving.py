@@ -1,285 +1,319 @@
-"""Serving overhead: the digits MLP run in-process by onnxruntime, then through ``maas serve`` with tritonclient.
+"""Serving: a real ``maas serve`` driven by external load generators, against the in-process ceiling and a naive
+FastAPI server, all on this machine in the same run.
 
-Both sides run on this machine in the same run, so the ratios are what the server adds here (with the client
-and the server sharing the CPUs). A server call is timed as a user pays for it: building the request,
-the HTTP round trip, and decoding both outputs to numpy.
+One-row requests to a 784→1024→1024→10 MLP at 1, 8 and 64 connections: JSON over HTTP (``wrk``), binary
+tensors over HTTP and gRPC (Triton's ``perf_analyzer``); the naive server gets the same ``wrk`` runs. The load
+generators share the CPUs with the server, so on a small machine they take part of what they measure.
+``BENCH_SECONDS`` (default 10) sets the seconds per point, ``BENCH_ROUNDS`` (default 1) how many times each
+point is measured (interleaved; the best round is reported, as interference only slows a run down).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import signal
+import subprocess
 import tempfile
-import threading
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from functools import partial
-from importlib.metadata import version
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+import loadgen
 import numpy as np
-from rich import box
+import reference
+import servers
+import serving_report
+import tools
+from loadgen import LoadError, Point
 from rich.console import Console
-from rich.table import Table
 
 import report
 
 NAME = "serving"
-MODEL = "digits"
-SECONDS = 2.0  # per measurement
-WARMUP_S = 0.3
-BATCHES = (1, 64)
-CLIENT_THREADS = 4
-OUTPUTS = ("probabilities", "label")
-
-Call = Callable[[], object]
-
-
-@dataclass(frozen=True)
-class Measurement:
-    path: str  # "in-process", "binary" or "json"
-    batch: int
-    clients: int
-    requests: int
-    seconds: float
-    p50_ms: float
-    p99_ms: float
-
-    @property
-    def requests_per_s(self) -> float:
-        return self.requests / self.seconds
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.requests * self.batch / self.seconds
+MODEL = "mlp"
+CONNECTIONS = (1, 8, 64)
+DEPLOY = ("--max-batch-size", "32", "--max-queue-delay-ms", "0")
+ATTEMPTS = 2  # per point: the server may misbehave transiently
+WARMUP_S = 1.0  # per mode, untimed, before its first point
+#: Mode -> what it is, in the order they run and are shown.
+MODES = {
+    "maas json-http": "maas serve, OIP JSON over HTTP, wrk",
+    "maas binary-http": "maas serve, binary tensors over HTTP, perf_analyzer",
+    "maas grpc": "maas serve, gRPC, perf_analyzer",
+    "naive json-http": "FastAPI + onnxruntime per request (bench/naive_server.py), wrk",
+}
+TOOL = {
+    "maas json-http": "wrk",
+    "maas binary-http": "perf_analyzer",
+    "maas grpc": "perf_analyzer",
+    "naive json-http": "wrk",
+}
+Runner = Callable[[int, float], Point]
 
 
-def _timed_loop(
-    call: Call, seconds: float, warmup_s: float, start: threading.Barrier | None = None
-) -> tuple[list[int], float]:
-    """Latencies (ns) of ``call`` repeated for ``seconds`` after ``warmup_s`` of untimed calls, and the wall time."""
-    end = time.perf_counter() + warmup_s
-    while time.perf_counter() < end:
-        call()
-    if start is not None:
-        start.wait()
-    latencies = []
-    began = time.perf_counter()
-    end = began + seconds
-    while time.perf_counter() < end:
-        t0 = time.perf_counter_ns()
-        call()
-        latencies.append(time.perf_counter_ns() - t0)
-    return latencies, time.perf_counter() - began
+def _settings() -> tuple[float, int]:
+    seconds = float(os.environ.get("BENCH_SECONDS", "10"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "1"))
+    if seconds <= 0 or rounds < 1:
+        raise SystemExit(f"BENCH_SECONDS must be > 0 and BENCH_ROUNDS >= 1, got {seconds:g} and {rounds}")
+    return seconds, rounds
 
 
-def measure(path: str, batch: int, make_call: Callable[[], Call], *, clients: int = 1) -> Measurement:
-    """Run ``clients`` threads, each with its own ``make_call()`` (built in that thread), for ``SECONDS``."""
-    if clients == 1:
-        latencies, wall = _timed_loop(make_call(), SECONDS, WARMUP_S)
-    else:
-        start = threading.Barrier(clients + 1)
-        per_thread: list[list[int]] = [[] for _ in range(clients)]
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM leaves through the ``finally`` blocks, as Ctrl-C does, so the servers are stopped."""
 
-        def worker(i: int) -> None:
-            per_thread[i], _ = _timed_loop(make_call(), SECONDS, WARMUP_S, start)
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-        for t in threads:
-            t.start()
-        start.wait()
-        began = time.perf_counter()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - began
-        latencies = [lat for lats in per_thread for lat in lats]
-    ms = np.asarray(latencies, dtype=np.float64) / 1e6
-    return Measurement(
-        path=path,
-        batch=batch,
-        clients=clients,
-        requests=len(latencies),
-        seconds=wall,
-        p50_ms=float(np.percentile(ms, 50)),
-        p99_ms=float(np.percentile(ms, 99)),
-    )
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-def build_artifact(out_dir: Path) -> tuple[Path, np.ndarray]:
-    """Train the digits MLP briefly, export it to ONNX; returns the file and the held-out pixels."""
-    import torch
-
-    from maas.demo.digits import load_digits_split, train
-    from maas.runtimes.export import export
-
-    data = load_digits_split()
-    model = train(data, epochs=5)
-    written = export(
-        model,
-        (torch.from_numpy(data.x_test[:1]),),
-        out_dir,
-        name=MODEL,
-        formats=("onnx",),
-        input_names=["pixels"],
-        output_names=list(OUTPUTS),
-    )
-    return written["onnx"], data.x_test
+def _tools(say: Callable[[str], None]) -> tuple[dict[str, tools.Tool], dict[str, str]]:
+    found: dict[str, tools.Tool] = {}
+    missing: dict[str, str] = {}
+    for name, get in (("wrk", tools.wrk), ("perf_analyzer", tools.perf_analyzer)):
+        try:
+            found[name] = get(say)
+        except tools.ToolMissing as exc:
+            missing[name] = str(exc)
+    return found, missing
 
 
-def in_process_session(path: Path):  # type: ignore[no-untyped-def]
-    """An onnxruntime session set up as the server sets up its own (``maas.runtimes.onnx``)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+def _outputs(response: httpx.Response) -> np.ndarray:
+    response.raise_for_status()
+    out = response.json()["outputs"][0]
+    return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-def in_process_call(session, pixels: np.ndarray) -> Call:  # type: ignore[no-untyped-def]
-    return lambda: session.run(None, {"pixels": pixels})
-
-
-def server_call(address: str, pixels: np.ndarray, *, binary: bool) -> Callable[[], dict[str, np.ndarray]]:
-    import tritonclient.http as httpclient
-
-    client = httpclient.InferenceServerClient(address)
-    outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in OUTPUTS]
-
-    def call() -> dict[str, np.ndarray]:
-        inp = httpclient.InferInput("pixels", list(pixels.shape), "FP32")
-        inp.set_data_from_numpy(pixels, binary_data=binary)
-        result = client.infer(MODEL, [inp], outputs=outputs)
-        return {name: result.as_numpy(name) for name in OUTPUTS}
-
-    return call
-
-
-def _check_same_answers(session, address: str, pixels: np.ndarray) -> None:  # type: ignore[no-untyped-def]
+def _check(what: str, got: np.ndarray, want: np.ndarray) -> None:
     """Refuse to time a server that answers differently from the reference (an error path is fast too)."""
-    want = dict(zip(OUTPUTS, session.run(None, {"pixels": pixels}), strict=True))
-    for binary in (True, False):
-        got = server_call(address, pixels, binary=binary)()
-        np.testing.assert_allclose(got["probabilities"], want["probabilities"], rtol=1e-5, atol=1e-6)
-        np.testing.assert_array_equal(got["label"], want["label"])
+    if got.shape != want.shape or not np.allclose(got, want, rtol=1e-4, atol=1e-5):
+        raise AssertionError(f"{what} answers differently from in-process onnxruntime:\n{got}\nwant\n{want}")
 
 
-def run_all(console: Console) -> list[Measurement]:
-    from maas.registry import Registry
-    from maas.testing.server import RemoteServer
-
-    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
-        tmp_path = Path(tmp)
-        with console.status("training and exporting the digits MLP"):
-            onnx_path, x_test = build_artifact(tmp_path / "export")
-        home = tmp_path / "home"
-        Registry(home=home).register(onnx_path, MODEL)
-        session = in_process_session(onnx_path)
-        inputs = {batch: np.ascontiguousarray(x_test[:batch]) for batch in BATCHES}
-
-        results = []
-        for batch in BATCHES:
-            with console.status(f"in-process, batch {batch}"):
-                results.append(measure("in-process", batch, partial(in_process_call, session, inputs[batch])))
-        with contextlib.ExitStack() as stack:
-            with console.status("starting maas serve"):
-                server = stack.enter_context(RemoteServer(home, env={"MAAS_DEVICE": "cpu"}))
-            _check_same_answers(session, server.address, inputs[max(BATCHES)])
-            for path, binary in (("binary", True), ("json", False)):
-                for batch in BATCHES:
-                    with console.status(f"server {path}, batch {batch}"):
-                        make_call = partial(server_call, server.address, inputs[batch], binary=binary)
-                        results.append(measure(path, batch, make_call))
-            batch = max(BATCHES)
-            with console.status(f"server binary, batch {batch}, {CLIENT_THREADS} client threads"):
-                make_call = partial(server_call, server.address, inputs[batch], binary=True)
-                results.append(measure("binary", batch, make_call, clients=CLIENT_THREADS))
-    return results
+def _check_json(server: servers.Server, sess: Any, body: bytes, x_body: np.ndarray) -> None:
+    """Four rows in one request, then the very body wrk posts."""
+    x = reference.rows(4, seed=1)
+    url = f"{server.url}/v2/models/{MODEL}/infer"
+    for what, payload, inputs in (("JSON, 4 rows", loadgen.infer_body(x), x), ("wrk's body", body, x_body)):
+        got = _outputs(httpx.post(url, content=payload, headers={"Content-Type": "application/json"}, timeout=30))
+        _check(f"{server.name} ({what})", got, sess.run(None, {"input": inputs})[0])
 
 
-def _ratios(results: list[Measurement]) -> list[tuple[Measurement, float | None, float | None]]:
-    """Each measurement with its p50 latency and rows/s as multiples of the in-process run at its batch."""
-    ref = {m.batch: m for m in results if m.path == "in-process"}
-    out = []
-    for m in results:
-        r = ref[m.batch]
-        if m is r:
-            out.append((m, None, None))
-        else:
-            out.append((m, m.p50_ms / r.p50_ms, m.rows_per_s / r.rows_per_s))
-    return out
+def _check_tensors(server: servers.Server, sess: Any, protocol: str) -> None:
+    """Binary HTTP or gRPC, through the venv's tritonclient (perf_analyzer sends random data it never checks)."""
+    x = reference.rows(4, seed=2)
+    if protocol == "http":
+        import tritonclient.http as client
+
+        triton: Any = client.InferenceServerClient(server.address)
+        inp = client.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        outputs = [client.InferRequestedOutput("output", binary_data=True)]
+    else:
+        import tritonclient.grpc as grpcclient
+
+        triton = grpcclient.InferenceServerClient(server.grpc_address)
+        inp = grpcclient.InferInput("input", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        outputs = [grpcclient.InferRequestedOutput("output")]
+    got = triton.infer(MODEL, [inp], outputs=outputs).as_numpy("output")
+    _check(f"{server.name} ({protocol} tensors)", got, sess.run(None, {"input": x})[0])
 
 
-HEADERS = ("path", "batch", "clients", "p50 ms", "p99 ms", "req/s", "rows/s", "p50 ratio", "rows/s ratio")
-RATIOS = "ratios: server / in-process at the same batch"
+def _pa_shape(server: servers.Server) -> str:
+    """perf_analyzer's ``--shape``: without the batch dimension when the server says the model batches."""
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+        config = httpx.get(f"{server.url}/v2/models/{MODEL}/config", timeout=10).json()
+        if int(config.get("max_batch_size", 0)) > 0:
+            return f"input:{reference.SIZES[0]}"
+    return f"input:1,{reference.SIZES[0]}"
 
 
-def _count(n: float) -> str:
-    return f"{n / 1e6:.2f} M" if n >= 1e6 else f"{n:,.0f}"
+@dataclass
+class Setup:
+    """What one run works with: the model, its registry, the fixed request and the tools found."""
+
+    work: Path
+    home: Path
+    onnx: Path
+    sess: Any
+    x_body: np.ndarray  # the row wrk posts
+    body: bytes
+    found: dict[str, tools.Tool]
+    skipped: dict[str, str]  # mode -> why it was not (fully) measured
+    say: Callable[[str], None]
+    pa_shape: str | None = None  # perf_analyzer's --shape, once the server's model config is read
 
 
-def _cells(m: Measurement, lat_ratio: float | None, rows_ratio: float | None) -> list[str]:
-    return [
-        m.path,
-        str(m.batch),
-        str(m.clients),
-        f"{m.p50_ms:.3f}",
-        f"{m.p99_ms:.3f}",
-        _count(m.requests_per_s),
-        _count(m.rows_per_s),
-        "—" if lat_ratio is None else f"{lat_ratio:.1f}x",
-        "—" if rows_ratio is None else f"{rows_ratio:.3f}x",
-    ]
+def _prepare(work: Path, say: Callable[[str], None]) -> Setup:
+    found, missing = _tools(say)
+    skipped = {mode: missing[tool] for mode, tool in TOOL.items() if tool in missing}
+    say("exporting the MLP to ONNX")
+    onnx = reference.build_mlp(work / "export" / f"{MODEL}.onnx")
+    home = work / "home"
+    proc = servers.maas_cli("models", "register", str(onnx), "--name", MODEL, home=home)
+    if proc.returncode != 0:
+        raise RuntimeError(f"maas models register failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    x_body = reference.rows(1)
+    return Setup(work, home, onnx, reference.session(onnx), x_body, loadgen.infer_body(x_body), found, skipped, say)
+
+
+def _features(setup: Setup) -> dict[str, Any]:
+    """What the installed maas offers: gRPC (``serve --grpc-port``) and dynamic batching (``maas deploy``)."""
+    grpc = "--grpc-port" in servers.cli_options("serve", home=setup.home)
+    if not grpc:
+        setup.skipped.setdefault("maas grpc", "`maas serve --help` has no --grpc-port: this maas serves no gRPC")
+    batching = {"on": False, "how": "no `maas deploy` in this maas: every request runs on its own"}
+    if servers.cli_has_command("deploy", home=setup.home):
+        proc = servers.maas_cli("deploy", MODEL, *DEPLOY, home=setup.home)
+        lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+        said = lines[0] if proc.returncode == 0 and lines else " | ".join(lines[-3:])
+        batching = {"on": proc.returncode == 0, "how": f"maas deploy {MODEL} {' '.join(DEPLOY)}: {said[:300]}"}
+        setup.say(f"maas deploy {MODEL} {' '.join(DEPLOY)} -> exit {proc.returncode}")
+    return {"grpc": grpc, "batching": batching}
+
+
+def _runners(stack: contextlib.ExitStack, setup: Setup, grpc: bool) -> dict[str, Runner]:
+    """Start both servers, check their answers, and return a runner per mode that can run."""
+    lua = loadgen.write_lua(setup.work / "post.lua", setup.body)
+    maas = stack.enter_context(servers.maas_server(setup.home, grpc=grpc))
+    setup.say(f"maas serve ready at {maas.url}" + (f", gRPC at {maas.grpc_address}" if grpc else ""))
+    _check_json(maas, setup.sess, setup.body, setup.x_body)
+    naive = stack.enter_context(servers.naive_server(setup.onnx, MODEL))
+    setup.say(f"naive server ready at {naive.url}")
+    _check_json(naive, setup.sess, setup.body, setup.x_body)
+    runners: dict[str, Runner] = {}
+    if "wrk" in setup.found:
+        wrk = setup.found["wrk"]
+        for mode, server in (("maas json-http", maas), ("naive json-http", naive)):
+            url = f"{server.url}/v2/models/{MODEL}/infer"
+            runners[mode] = functools.partial(_wrk_point, wrk, url, lua, mode)
+    if "perf_analyzer" in setup.found:
+        shape = setup.pa_shape = _pa_shape(maas)
+        for mode, protocol, address in (
+            ("maas binary-http", "http", maas.address),
+            ("maas grpc", "grpc", maas.grpc_address),
+        ):
+            if mode in setup.skipped or address is None:
+                continue
+            try:
+                _check_tensors(maas, setup.sess, protocol)
+            except AssertionError:
+                raise
+            except Exception as exc:  # the protocol is not served (yet): say so, time the rest
+                setup.skipped[mode] = f"no answer to {protocol} tensors: {' '.join(str(exc).split())[:300]}"
+                continue
+            pa = setup.found["perf_analyzer"]
+            runners[mode] = functools.partial(_pa_point, pa, address, protocol, shape, mode, setup.work)
+    return {mode: runners[mode] for mode in MODES if mode in runners}
+
+
+def _wrk_point(wrk: tools.Tool, url: str, lua: Path, mode: str, connections: int, seconds: float) -> Point:
+    return loadgen.run_wrk(wrk, url, lua, mode=mode, connections=connections, seconds=seconds)
+
+
+def _pa_point(
+    pa: tools.Tool, address: str, protocol: str, shape: str, mode: str, work: Path, connections: int, seconds: float
+) -> Point:
+    return loadgen.run_perf_analyzer(
+        pa,
+        address,
+        protocol=protocol,
+        model=MODEL,
+        shape=shape,
+        mode=mode,
+        connections=connections,
+        seconds=seconds,
+        workdir=work,
+    )
+
+
+def _attempt(run: Runner, connections: int, seconds: float) -> Point | str:
+    """The point, or why it could not be had in ``ATTEMPTS`` tries."""
+    reason = ""
+    for _ in range(ATTEMPTS):
+        try:
+            return run(connections, seconds)
+        except (LoadError, subprocess.TimeoutExpired) as exc:
+            reason = " ".join(str(exc).split())[:400]
+    return reason
+
+
+def _measure(
+    runners: dict[str, Runner], setup: Setup, seconds: float, rounds: int
+) -> tuple[list[tuple[int, Point]], list[dict[str, reference.Loop]]]:
+    """Every (round, point) and every round's in-process ceiling: a warm-up per mode, then the rounds, each
+    measuring the ceiling, then every mode at every connection count."""
+    live = dict(runners)
+    for mode, run in runners.items():
+        setup.say(f"{mode}: warm-up, {WARMUP_S:g} s at 8 connections")
+        got = _attempt(run, 8, WARMUP_S)
+        if isinstance(got, str):
+            setup.skipped[mode] = got
+            del live[mode]
+    points: list[tuple[int, Point]] = []
+    ceilings: list[dict[str, reference.Loop]] = []
+    for r in range(rounds):
+        setup.say(f"round {r + 1}/{rounds}: in-process ceiling, {seconds:g} s each")
+        ceilings.append(reference.ceiling(setup.sess, setup.body, seconds))
+        for mode, run in list(live.items()):
+            for n in CONNECTIONS:
+                setup.say(f"round {r + 1}/{rounds}: {mode}, {n} connections, {seconds:g} s")
+                got = _attempt(run, n, seconds)
+                if isinstance(got, str):
+                    setup.skipped[mode] = f"failed at {n} connections: {got}"
+                    del live[mode]
+                    break
+                points.append((r, got))
+    return points, ceilings
 
 
 def run(console: Console) -> None:
-    """Measure, print a table, write ``results/serving.json`` and this machine's section of ``serving.md``."""
-    machine = report.machine_info(("onnxruntime", "tritonclient", "torch", "numpy"))
-    results = _ratios(run_all(console))
+    """Measure, print the tables, write ``results/serving.{json,md,png}`` (see ``serving_report``)."""
+    seconds, rounds = _settings()
+    machine = report.machine_info(("onnxruntime", "torch", "numpy", "fastapi", "uvicorn", "maas"))
 
-    # Compact enough for an 80-column terminal (and `make bench` piped to a log).
-    table = Table(
-        title=f"Serving: {MODEL} MLP (64→128→10), {SECONDS:g} s per row",
-        caption=RATIOS,
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        pad_edge=False,
-        collapse_padding=True,
-    )
-    for i, header in enumerate(HEADERS):
-        table.add_column(header.replace(" ", "\n"), justify="left" if i == 0 else "right", no_wrap=True)
-    for m, lat_ratio, rows_ratio in results:
-        table.add_row(*_cells(m, lat_ratio, rows_ratio))
-    console.print(table)
+    def say(message: str) -> None:
+        console.print(f"[dim]{message}[/]")
+
+    with _sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        setup = _prepare(Path(tmp), say)
+        features = _features(setup)
+        with contextlib.ExitStack() as stack:
+            runners = _runners(stack, setup, features["grpc"])
+            points, ceilings = _measure(runners, setup, seconds, rounds)
 
     config = {
-        "model": f"{MODEL} MLP 64->128->10 (ONNX)",
-        "seconds_per_measurement": SECONDS,
-        "warmup_s": WARMUP_S,
-        "client": f"tritonclient.http {version('tritonclient')}",
-        "timed": "server calls include building the request and decoding both outputs",
+        "model": f"MLP {'->'.join(map(str, reference.SIZES))} (ONNX, FP32), one row per request",
+        "seconds_per_point": seconds,
+        "rounds": rounds,
+        "connections": list(CONNECTIONS),
+        "modes": MODES,
+        "grpc": features["grpc"],
+        "batching": features["batching"],
+        "perf_analyzer_shape": setup.pa_shape,
+        "tools": ", ".join(f"{t.name} {t.version}" for t in setup.found.values()) or "none",
     }
-    rows: list[dict[str, Any]] = [
-        {
-            **asdict(m),
-            "requests_per_s": m.requests_per_s,
-            "rows_per_s": m.rows_per_s,
-            "p50_vs_in_process": lat_ratio,
-            "rows_per_s_vs_in_process": rows_ratio,
-        }
-        for m, lat_ratio, rows_ratio in results
-    ]
-    json_path = report.write_json(NAME, {"benchmark": NAME, "machine": machine, "config": config, "results": rows})
-    body = (
-        f"Run {machine['timestamp']} on {machine['platform']}; Python {machine['python']}, "
-        f"onnxruntime {machine['onnxruntime']}, {config['client']}. {config['model']}, "
-        f"{SECONDS:g} s per row after {WARMUP_S:g} s of warm-up; {config['timed']}; {RATIOS}.\n\n"
-        + report.markdown_table(HEADERS, [_cells(*r) for r in results])
+    paths = serving_report.publish(
+        console,
+        machine=machine,
+        config=config,
+        ceilings=ceilings,
+        points=points,
+        skipped=setup.skipped,
+        baseline="naive json-http",
     )
-    md_path = report.write_markdown_section(NAME, "Serving benchmark", report.machine_key(machine), body)
-    console.print(f"wrote {_shown(json_path)} and {_shown(md_path)}")
+    console.print("wrote " + ", ".join(_shown(p) for p in paths))
 
 
 def _shown(path: Path) -> str:
