@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 BLOCK = re.compile(r"<!-- run -->\n```(bash|python)\n(.*?)```", re.S)
 
 
-def readme_script(port: int) -> str:
+def readme_script(port: int, grpc_port: int) -> str:
     blocks = BLOCK.findall((ROOT / "README.md").read_text())
     assert len(blocks) >= 3, "the README lost its runnable walkthrough"
     parts = ["set -euo pipefail", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
     for lang, code in blocks:
-        code = code.replace("8000", str(port))
+        code = code.replace("8000", str(port)).replace("8001", str(grpc_port))
         parts.append(code if lang == "bash" else f"python - <<'PY'\n{code}PY")
     return "\n".join(parts) + "\n"
 
@@ -38,7 +38,7 @@ def test_readme_walkthrough_runs(home: Path, tmp_path: Path) -> None:
         "COLUMNS": "200",
     }
     # 37 s on a quiet machine; the limits leave room for a loaded one, and a timeout kills the background server.
-    proc = processes.run(["bash", "-c", readme_script(port)], cwd=tmp_path, env=env, text=True, timeout=780)
+    proc = processes.run(["bash", "-c", readme_script(port, free_port())], cwd=tmp_path, env=env, text=True, timeout=780)
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert "Registered models:/digits/1" in out and "Registered models:/digits/2" in out

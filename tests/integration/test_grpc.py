@@ -6,12 +6,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from maas import __version__
@@ -27,6 +31,9 @@ from tests.integration.conftest import multi_io_inputs
 
 MiB = 1024 * 1024
 BATCHES = [1, 2, 7, 33, 64]
+#: The deployment of the `batched` model (a copy of `linear`), which its ModelConfig must show.
+BATCHED: dict[str, Any] = {"max_batch_size": 16, "max_queue_delay_ms": 2, "preferred_batch_sizes": [4, 8]}
+BATCHED |= {"max_queue_size": 100, "instances": 2, "threads": 1}
 MULTI_TYPES = {"x": "FP32", "ids": "INT64", "mask": "BOOL"}
 #: Every fixed-size datatype, served by an identity model of its own (BYTES: the `text` model).
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
@@ -88,12 +95,14 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
     files = {
         "multi": make_multi_io_model(models / "multi.onnx", scale=3.0),
         "linear": make_linear_model(models / "linear.onnx"),
+        "batched": make_linear_model(models / "batched.onnx"),
         "text": make_text_model(models / "text.onnx"),
         **{f"id_{d.lower()}": make_identity_model(models / f"id_{d.lower()}.onnx", d) for d in DATATYPES},
     }
     reg = Registry(home=home)
     for name, path in files.items():
         reg.register(path, name)
+    reg.deploy("batched", **BATCHED)
     with RemoteServer(home, env={"MAAS_MAX_REQUEST_BYTES": str(MiB)}) as server:
         yield server, files
 
@@ -167,6 +176,84 @@ def test_model_metadata(client: grpcclient.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("nope")
     assert_status(info.value, grpc.StatusCode.NOT_FOUND, "nope")
+
+
+# -- Triton's model configuration (ModelConfig) ----------------------------------------------------------------------
+
+
+def test_our_messages_are_tritons_on_the_wire() -> None:
+    """Every message, field and enum value of our .proto has the name, number and type it has in tritonclient's own
+    compiled protos, so each side reads the other's bytes as they were meant."""
+    pool = model_config_pb2.DESCRIPTOR.pool
+    assert pool is service_pb2.DESCRIPTOR.pool
+
+    def same(ours: Any) -> None:
+        theirs = pool.FindMessageTypeByName(ours.full_name)
+        for field in ours.fields:
+            other = theirs.fields_by_name[field.name]
+            assert (field.number, field.type, field.is_repeated) == (other.number, other.type, other.is_repeated)
+            if field.message_type is not None:
+                assert field.message_type.full_name == other.message_type.full_name, field.full_name
+            if field.enum_type is not None:
+                values = {v.name: v.number for v in field.enum_type.values}
+                assert values == {v.name: v.number for v in other.enum_type.values}, field.enum_type.full_name
+        for nested in ours.nested_types:
+            same(nested)
+
+    for message in pb.DESCRIPTOR.message_types_by_name.values():
+        same(message)
+    theirs = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        other = theirs[method.name]
+        assert method.input_type.full_name == other.input_type.full_name
+        assert method.output_type.full_name == other.output_type.full_name
+
+
+@pytest.mark.parametrize(("name", "version"), [("batched", ""), ("linear", "1"), ("multi", ""), ("text", "")])
+def test_model_config_equals_rest(
+    served: tuple[RemoteServer, dict[str, Path]], client: grpcclient.InferenceServerClient, name: str, version: str
+) -> None:
+    path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/config"
+    rest = httpx.get(served[0].url + path, timeout=30).raise_for_status().json()
+    got = client.get_model_config(name, version).config
+    assert got == json_format.ParseDict(rest, model_config_pb2.ModelConfig())
+
+
+def test_model_config_shows_the_deployment(client: grpcclient.InferenceServerClient) -> None:
+    config = client.get_model_config("batched").config
+    assert config.name == "batched" and config.platform == "onnx"
+    assert list(config.version_policy.specific.versions) == [1]
+    assert config.max_batch_size == 16
+    # With a batch dimension, dims leave it out (as in Triton): x is [-1, 4], y is [-1, 2].
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [("x", model_config_pb2.TYPE_FP32, [4])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [("y", model_config_pb2.TYPE_FP32, [2])]
+    [group] = config.instance_group
+    assert group.count == 2 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    batching = config.dynamic_batching
+    assert list(batching.preferred_batch_size) == [4, 8] and batching.max_queue_delay_microseconds == 2000
+    assert batching.default_queue_policy.max_queue_size == 100
+    assert config.parameters["threads"].string_value == "1"
+    # No batch dimension: max_batch_size 0, dims are the whole shape; BYTES is Triton's TYPE_STRING.
+    text = client.get_model_config("text").config
+    assert text.max_batch_size == 0 and not text.HasField("dynamic_batching")
+    assert [(t.data_type, list(t.dims)) for t in text.input] == [(model_config_pb2.TYPE_STRING, [-1])]
+
+
+@pytest.mark.parametrize(
+    ("name", "version", "code", "words"),
+    [
+        ("nope", "", grpc.StatusCode.NOT_FOUND, "nope"),
+        ("linear", "9", grpc.StatusCode.NOT_FOUND, "9"),
+        ("linear", "abc", grpc.StatusCode.INVALID_ARGUMENT, "version"),
+        ("bad..name", "", grpc.StatusCode.INVALID_ARGUMENT, "name"),
+    ],
+)
+def test_model_config_errors(
+    client: grpcclient.InferenceServerClient, name: str, version: str, code: grpc.StatusCode, words: str
+) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config(name, version)
+    assert_status(info.value, code, words)
 
 
 # -- inference with tritonclient (raw contents) -----------------------------------------------------------------------

@@ -195,6 +195,34 @@ def test_crafted_message_gets_a_client_error(channel: grpc.Channel, server: Remo
     assert live(channel) and server.alive()
 
 
+def _config(name: str, version: str = "") -> bytes:
+    return pb.ModelConfigRequest(name=name, version=version).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        (b"\xff\xff", "not a valid inference.ModelConfigRequest"),
+        (b"\x0a\x02\xc3\x28", "not a valid inference.ModelConfigRequest"),  # a name that is not UTF-8
+        (_config("../../etc/passwd"), "invalid model name"),
+        (_config("lin\x00ear"), "invalid model name"),
+        (_config("x" * 100_000), "the limit is 128"),
+        (_config(""), "model name is empty"),
+        (_config("linear", "9" * 40), "versions are whole numbers from 1"),
+        (_config("linear", "-1"), "versions are whole numbers from 1"),
+    ],
+)
+def test_crafted_model_config_request_gets_invalid_argument(
+    channel: grpc.Channel, server: RemoteServer, body: bytes, words: str
+) -> None:
+    call = channel.unary_unary("/inference.GRPCInferenceService/ModelConfig")
+    with pytest.raises(grpc.RpcError) as info:
+        call(body, timeout=60)
+    assert info.value.code() == INVALID, f"{info.value.code()}: {info.value.details()}"
+    assert words in info.value.details(), info.value.details()
+    assert live(channel) and server.alive()
+
+
 @pytest.mark.parametrize("compression", [None, grpc.Compression.Gzip])
 def test_message_over_the_limit_is_resource_exhausted(channel: grpc.Channel, compression: object) -> None:
     rows = 40 * MiB // 16  # 40 MiB of FP32 (a few KiB gzipped: the limit applies to the inflated message)

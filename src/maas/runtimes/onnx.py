@@ -151,6 +151,8 @@ def _session(
     if threads is not None:  # else onnxruntime's default: one thread per physical core
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    # Idle compute threads sleep instead of spinning: a server's event loop and its other models need those cores.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
     options.log_severity_level = 3

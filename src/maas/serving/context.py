@@ -3,6 +3,7 @@ inference threads and the serving engine; built once, started and stopped with t
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from maas.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
+#: How often schedulers of versions no longer loaded are forgotten.
+SWEEP_INTERVAL_S = 5.0
+
 
 @dataclass
 class ServingContext:
@@ -27,6 +31,7 @@ class ServingContext:
     executor: ThreadPoolExecutor
     engine: Engine
     grpc_server: Any = None
+    _sweeper: asyncio.Task[None] | None = None
 
     @classmethod
     def build(cls, settings: ServerSettings, registry: Registry | None = None) -> ServingContext:
@@ -48,6 +53,7 @@ class ServingContext:
         memory.tune_allocator()
         memory.freeze_heap()
         self.manager.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if self.settings.grpc_port is not None:
             from maas.serving.grpc.server import start_grpc
 
@@ -56,9 +62,17 @@ class ServingContext:
                 self.settings.host,
                 self.settings.grpc_port,
                 max_message_bytes=self.settings.max_request_bytes,
+                reuse_port=self.settings.workers > 1,  # the workers share the port; the supervisor checked it free
             )
 
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.engine.sweep()
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2)
         await self.engine.close()

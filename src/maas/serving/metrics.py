@@ -1,8 +1,24 @@
-"""Prometheus metrics of one server, on a registry of its own (so tests can run several apps)."""
+"""Prometheus metrics of one server, on a registry of its own (so tests can run several apps).
+
+Under ``maas serve --workers N`` every worker process writes its values to files in one directory
+(prometheus_client's multiprocess mode: its supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before they start),
+and :meth:`ServerMetrics.render` adds up all of them, so any worker answers ``/metrics`` for the whole server.
+Each gauge says how its workers' values combine (``multiprocess_mode``); a series a worker removes (a model no
+longer served) stays at its last value there until the server restarts: prometheus_client cannot remove it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from maas.errors import MaasError
@@ -15,6 +31,13 @@ UNKNOWN = "_unknown_"
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def multiprocess_mode() -> bool:
+    """Whether metric values go to files shared by worker processes (decided when prometheus_client was first
+    imported, from ``PROMETHEUS_MULTIPROC_DIR``)."""
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
 def outcome_of(exc: BaseException | None) -> str:
@@ -50,18 +73,44 @@ class ServerMetrics:
             "maas_model_load_seconds",
             "How long the last load of a model version took (artifact check plus runtime start).",
             ["model", "version"],
+            multiprocess_mode="mostrecent",
             registry=self.registry,
         )
         self.load_failures = Counter(
             "maas_model_load_failures", "Failed loads of a model version.", ["model", "version"], registry=self.registry
         )
-        self.loaded = Gauge("maas_loaded_models", "Model versions loaded in memory.", registry=self.registry)
+        self.loaded = Gauge(
+            "maas_loaded_models",
+            "Model versions loaded in memory (summed over worker processes: each loads its own).",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
         self.serving = Gauge(
             "maas_model_serving_version",
             "The version a bare model name is served at right now.",
             ["model"],
+            multiprocess_mode="livemostrecent",  # the latest switch of any worker: right after a rollback too
             registry=self.registry,
         )
+        self.batch_size = Histogram(
+            "maas_batch_size",
+            "Rows in each model call (dynamic batching puts several requests in one).",
+            ["model", "version"],
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "maas_queue_depth",
+            "Requests waiting to run, by model and version.",
+            ["model", "version"],
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        # What /metrics shows: this registry, or the files of all worker processes.
+        self.exposed = self.registry
+        if multiprocess_mode():
+            self.exposed = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
 
     def observe_request(self, model: str, version: str, seconds: float, exc: BaseException | None) -> None:
         """``model`` must be a name the server knows (or :data:`UNKNOWN`): never raw request input."""
@@ -70,4 +119,4 @@ class ServerMetrics:
             self.latency.labels(model, version).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)

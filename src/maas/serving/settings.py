@@ -15,6 +15,8 @@ class ServerSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     #: The gRPC port (Open Inference Protocol's GRPCInferenceService) on ``host``; None serves no gRPC.
     grpc_port: int | None = Field(None, ge=0, le=65535)
+    #: Server processes on the same ports (``--workers``); each a whole server with its own models.
+    workers: int = Field(1, ge=1, le=256)
     models: list[str] | None = None  # serve only these names; None serves every registered model
     device: str = "cpu"
     max_request_bytes: int = Field(64 * 1024 * 1024, gt=0)
@@ -40,6 +42,7 @@ class ServerSettings(BaseModel):
             "host": envs.MAAS_HOST,
             "port": envs.MAAS_PORT,
             "grpc_port": envs.MAAS_GRPC_PORT,
+            "workers": envs.MAAS_WORKERS,
             "device": envs.MAAS_DEVICE,
             "max_request_bytes": envs.MAAS_MAX_REQUEST_BYTES,
             "watch_interval_s": envs.MAAS_WATCH_INTERVAL_S,

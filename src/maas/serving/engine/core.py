@@ -76,6 +76,7 @@ class Engine:
         self.load_wait_s = settings.load_wait_s
         self.max_heavy = settings.max_concurrent_decodes
         self._heavy = 0  # heavy decodes running (event loop only)
+        self._inflight = 0  # inference requests between arrival and answer (event loop only)
         self._schedulers: dict[tuple[str, int], tuple[LoadedModel, Scheduler, int]] = {}
 
     # --- server and model state ----------------------------------------------------------------
@@ -144,6 +145,7 @@ class Engine:
         ran it and the response."""
         started = time.perf_counter()
         label_name, label_version = UNKNOWN, ""
+        self._inflight += 1
         try:
             validate_name(name)
             if version is not None:
@@ -165,12 +167,14 @@ class Engine:
                 label_name = name
             self.metrics.observe_request(label_name, label_version, time.perf_counter() - started, exc)
             raise
+        finally:
+            self._inflight -= 1
         self.metrics.observe_request(label_name, label_version, time.perf_counter() - started, None)
         return loaded, response
 
     async def _run(self, loaded: LoadedModel, request: InferRequest) -> dict[str, np.ndarray]:
         scheduler = self.scheduler(loaded)
-        outputs = await scheduler.submit(request.inputs, request.outputs)
+        outputs = await scheduler.submit(request.inputs, request.outputs, alone=self._inflight == 1)
         self.limits.check_outputs(loaded.version_info.uri, outputs)
         return outputs
 
@@ -184,14 +188,16 @@ class Engine:
                 entry[1].set_policy(policy_of(deployment))
                 self._schedulers[key] = (loaded, entry[1], deployment.revision)
             return entry[1]
-        if entry is not None:  # the version was reloaded (other threads, new bytes): the old queue drains alone
-            asyncio.get_running_loop().create_task(entry[1].close())
+        # Another runtime under the same version (reloaded with other threads, or new bytes): the old scheduler
+        # finishes the requests it holds, which alone keep it (and its runtime) alive.
+        batch_size = self.metrics.batch_size.labels(loaded.name, str(loaded.version))
         scheduler = Scheduler(
             guarded_run(loaded),
             policy_of(deployment),
             self.executor,
             batchable=batchable(loaded.version_info.signature),
             what=loaded.version_info.uri,
+            on_batch=lambda rows, _requests: batch_size.observe(rows),
         )
         self._schedulers[key] = (loaded, scheduler, deployment.revision)
         return scheduler
@@ -201,10 +207,11 @@ class Engine:
             await scheduler.close()
         self._schedulers.clear()
 
-    def evict(self, keep: Callable[[LoadedModel], bool]) -> None:
-        """Drop the schedulers of versions the manager no longer holds (called on the event loop)."""
+    def sweep(self) -> None:
+        """Forget the schedulers of versions the manager let go (unloaded, deleted, replaced) once their queues are
+        empty, so their runtimes can be freed. Called on the event loop every few seconds."""
         for key, (loaded, scheduler, _) in list(self._schedulers.items()):
-            if not keep(loaded) and scheduler.queued == 0 and scheduler.running == 0:
+            if not self.manager.holds(loaded) and scheduler.queued == 0 and scheduler.running == 0:
                 del self._schedulers[key]
 
     # --- helpers -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ import numpy as np
 from maas.errors import InvalidInput, RateLimited, Unavailable
 
 log = logging.getLogger(__name__)
+
+#: A request alone in the server runs on the event loop when its model's calls take less than this.
+INLINE_RUN_S = 0.0005
+#: ... and its inputs hold at most this many bytes.
+INLINE_BYTES = 64 * 1024
+_UNKNOWN_COST = float("inf")
 
 RunFn = Callable[[dict[str, np.ndarray], list[str] | None], dict[str, np.ndarray]]
 """The model: ``runtime.infer(inputs, outputs)``, called in the executor."""
@@ -129,12 +136,15 @@ class Scheduler:
         *,
         batchable: bool,
         what: str,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self._run = run
         self._policy = policy
         self._executor = executor
         self._batchable = batchable
         self._what = what
+        #: Called on the event loop with (rows, requests) of each model call as it starts, for metrics.
+        self._on_batch = on_batch
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[_Request] = deque()
         self._timer: asyncio.TimerHandle | None = None
@@ -144,6 +154,9 @@ class Scheduler:
         self._closed = False
         self.batches = 0
         self.rows = 0
+        #: Seconds one request's model call takes (a moving average over calls of one request; unknown at first).
+        self._cost = _UNKNOWN_COST
+        self._row_cost = _UNKNOWN_COST
 
     @property
     def policy(self) -> BatchPolicy:
@@ -159,8 +172,14 @@ class Scheduler:
         """Requests in the batches now running."""
         return self._running
 
-    async def submit(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+    async def submit(
+        self, inputs: dict[str, np.ndarray], outputs: list[str] | None, *, alone: bool = False
+    ) -> dict[str, np.ndarray]:
         """The model's outputs for ``inputs`` (only those named in ``outputs``; all when None).
+
+        ``alone``: the caller knows of no other request in flight. Such a request to an idle model whose calls
+        take under :data:`INLINE_RUN_S` runs on the event loop itself, saving the two thread switches that would
+        cost more than the call (under concurrency requests always go through the queue, where they batch).
 
         Raises ``RateLimited`` at once when the queue is full, ``Unavailable`` once the scheduler is closing, and
         otherwise what the model raised for this request. Cancelling the caller drops the request.
@@ -172,6 +191,10 @@ class Scheduler:
             self._loop = loop
         if self._closed:
             raise self._unloading()
+        if alone and not self._queue and not self._active and self._cost < INLINE_RUN_S:
+            rows = _shape_key(inputs)[0]
+            if rows * self._row_cost < INLINE_RUN_S and sum(a.nbytes for a in inputs.values()) <= INLINE_BYTES:
+                return self._run_inline(inputs, outputs, rows)
         rows, key = _shape_key(inputs) if self._batchable else (1, None)
         request = _Request(inputs, outputs, rows, key, loop.create_future(), loop.time())
         self._queue.append(request)
@@ -270,6 +293,37 @@ class Scheduler:
         assert self._loop is not None
         return batch, self._loop.time() - head.arrived >= policy.max_queue_delay_s
 
+    def _run_inline(self, inputs: dict[str, np.ndarray], outputs: list[str] | None, rows: int) -> dict[str, np.ndarray]:
+        self._active += 1
+        self._running += 1
+        self._count(rows, 1)
+        try:
+            return self._timed_run(inputs, outputs)
+        finally:
+            self._active -= 1
+            self._running -= 1
+            self._pump()
+
+    def _timed_run(self, inputs: dict[str, np.ndarray], outputs: list[str] | None) -> dict[str, np.ndarray]:
+        """One request's call of the model (in a worker thread, or inline), timed into :attr:`_cost`."""
+        started = time.perf_counter()
+        try:
+            return self._run(inputs, outputs)
+        finally:
+            spent = time.perf_counter() - started
+            per_row = spent / max(1, _shape_key(inputs)[0])
+            if self._cost == _UNKNOWN_COST:
+                self._cost, self._row_cost = spent, per_row
+            else:
+                self._cost = 0.8 * self._cost + 0.2 * spent
+                self._row_cost = 0.8 * self._row_cost + 0.2 * per_row
+
+    def _count(self, rows: int, requests: int) -> None:
+        self.batches += 1
+        self.rows += rows
+        if self._on_batch is not None:
+            self._on_batch(rows, requests)
+
     async def _execute(self, batch: list[_Request]) -> None:
         """Run one launched batch and answer each of its requests; frees its instance when done."""
         assert self._loop is not None
@@ -281,10 +335,11 @@ class Scheduler:
             for request in alone:
                 if request.future.done():  # the caller went away
                     continue
-                self.batches += 1
-                self.rows += request.rows
+                self._count(request.rows, 1)
                 try:
-                    result = await loop.run_in_executor(self._executor, self._run, request.inputs, request.outputs)
+                    result = await loop.run_in_executor(
+                        self._executor, self._timed_run, request.inputs, request.outputs
+                    )
                 except Exception as exc:
                     if not request.future.done():
                         request.future.set_exception(exc)
@@ -301,8 +356,7 @@ class Scheduler:
 
     async def _execute_merged(self, loop: asyncio.AbstractEventLoop, batch: list[_Request]) -> list[_Request]:
         """Run ``batch`` as one call; answer the requests it could, and return those that must run alone."""
-        self.batches += 1
-        self.rows += sum(r.rows for r in batch)
+        self._count(sum(r.rows for r in batch), len(batch))
         try:
             results = await loop.run_in_executor(self._executor, _merged_run, self._run, batch)
         except _Misaligned as exc:

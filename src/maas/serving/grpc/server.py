@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from maas.errors import InvalidInput, MaasError, RateLimited, Unavailable
 from maas.serving.engine.core import Engine
 from maas.serving.errors import public_message
-from maas.serving.grpc import codec
+from maas.serving.grpc import codec, model_config
 from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ M = TypeVar("M")
 
 
 class InferenceServicer:
-    """The six RPCs of the service. Each takes the request's serialized bytes and the call's context."""
+    """The RPCs of the service: the OIP's six and Triton's ``ModelConfig``. Each takes the request's serialized
+    bytes and the call's context."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -53,6 +54,7 @@ class InferenceServicer:
             "ServerMetadata": (self.ServerMetadata, pb.ServerMetadataResponse),
             "ModelMetadata": (self.ModelMetadata, pb.ModelMetadataResponse),
             "ModelInfer": (self.ModelInfer, pb.ModelInferResponse),
+            "ModelConfig": (self.ModelConfig, pb.ModelConfigResponse),
         }
         return {
             name: grpc.unary_unary_rpc_method_handler(method, response_serializer=response.SerializeToString)
@@ -76,6 +78,9 @@ class InferenceServicer:
 
     async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await _answer(context, "ModelInfer", self._model_infer(data))
+
+    async def ModelConfig(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        return await _answer(context, "ModelConfig", self._model_config(data))
 
     # --- the work of each RPC ------------------------------------------------------------------
 
@@ -103,6 +108,11 @@ class InferenceServicer:
         meta = await self.engine.model_metadata(request.name, request.version or None)
         return codec.model_metadata(meta.name, meta.versions, meta.platform, meta.inputs, meta.outputs)
 
+    async def _model_config(self, data: bytes) -> pb.ModelConfigResponse:
+        request = _parse(pb.ModelConfigRequest, data)
+        config = await self.engine.model_config(request.name, request.version or None)
+        return model_config.model_config(config)
+
     async def _model_infer(self, data: bytes) -> pb.ModelInferResponse:
         request = _parse(pb.ModelInferRequest, data)
         decode = functools.partial(codec.decode_request, request, limits=self.engine.limits)
@@ -118,7 +128,9 @@ class InferenceServicer:
         return encoded
 
 
-async def start_grpc(engine: Engine, host: str, port: int, *, max_message_bytes: int) -> grpc.aio.Server:
+async def start_grpc(
+    engine: Engine, host: str, port: int, *, max_message_bytes: int, reuse_port: bool = False
+) -> grpc.aio.Server:
     """Serve ``inference.GRPCInferenceService`` on ``host:port`` and return the started
     server; stop it with ``await server.stop(grace_s)``. Messages over ``max_message_bytes`` either way are refused
     with ``RESOURCE_EXHAUSTED``. Raises :class:`OSError` when the address cannot be bound."""
@@ -128,7 +140,7 @@ async def start_grpc(engine: Engine, host: str, port: int, *, max_message_bytes:
             ("grpc.max_send_message_length", max_message_bytes),
             # Linux lets a second process bind a port in use with SO_REUSEPORT (grpcio's default) and share its
             # connections; a port in use must be an error instead.
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
     )
     handlers = InferenceServicer(engine).handlers()

@@ -168,6 +168,14 @@ class ModelManager:
         self.loader.take(slot, _uri(name, number))
         return True, ""
 
+    def holds(self, loaded: LoadedModel) -> bool:
+        """Whether ``loaded`` is still one of the manager's (not unloaded, deleted or replaced)."""
+        served = self.watcher.served.get(loaded.name)
+        if served is not None and served.current is loaded:
+            return True
+        slot = self.loader.slots.get((loaded.name, loaded.version, loaded.threads))
+        return slot is not None and slot.loaded is loaded
+
     def loaded_versions(self) -> dict[str, list[int]]:
         return self.loader.loaded_versions()
 

@@ -74,6 +74,12 @@ class GRPCInferenceServiceStub(object):
             response_deserializer=grpc__predict__v2__pb2.ModelInferResponse.FromString,
             _registered_method=True,
         )
+        self.ModelConfig = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelConfig",
+            request_serializer=grpc__predict__v2__pb2.ModelConfigRequest.SerializeToString,
+            response_deserializer=grpc__predict__v2__pb2.ModelConfigResponse.FromString,
+            _registered_method=True,
+        )
 
 
 class GRPCInferenceServiceServicer(object):
@@ -115,6 +121,14 @@ class GRPCInferenceServiceServicer(object):
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
 
+    def ModelConfig(self, request, context):
+        """(Triton) How a model is configured: its tensors, batching and instances. Failures are reported in the
+        call's status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("Method not implemented!")
+        raise NotImplementedError("Method not implemented!")
+
 
 def add_GRPCInferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
             servicer.ModelInfer,
             request_deserializer=grpc__predict__v2__pb2.ModelInferRequest.FromString,
             response_serializer=grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+        ),
+        "ModelConfig": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelConfig,
+            request_deserializer=grpc__predict__v2__pb2.ModelConfigRequest.FromString,
+            response_serializer=grpc__predict__v2__pb2.ModelConfigResponse.SerializeToString,
         ),
     }
     generic_handler = grpc.method_handlers_generic_handler("inference.GRPCInferenceService", rpc_method_handlers)
@@ -327,6 +346,36 @@ class GRPCInferenceService(object):
             "/inference.GRPCInferenceService/ModelInfer",
             grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True,
+        )
+
+    @staticmethod
+    def ModelConfig(
+        request,
+        target,
+        options=(),
+        channel_credentials=None,
+        call_credentials=None,
+        insecure=False,
+        compression=None,
+        wait_for_ready=None,
+        timeout=None,
+        metadata=None,
+    ):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            "/inference.GRPCInferenceService/ModelConfig",
+            grpc__predict__v2__pb2.ModelConfigRequest.SerializeToString,
+            grpc__predict__v2__pb2.ModelConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
