@@ -488,3 +488,31 @@ def test_a_real_onnx_mlp_batched_matches_one_by_one(tmp_path: Path, executor: Th
     for inputs, got in zip(requests, run(main), strict=True):
         np.testing.assert_allclose(got["logits"], runtime.infer(inputs, None)["logits"], rtol=1e-5, atol=1e-5)
     assert len(sizes) < len(requests) and max(sizes) <= 64
+
+
+def test_a_request_alone_runs_a_fast_model_on_the_event_loop_and_never_a_large_one() -> None:
+    where: list[str] = []
+
+    def run(inputs: Arrays, outputs: list[str] | None) -> Arrays:
+        where.append(threading.current_thread().name)
+        return {"y": inputs["x"] * 2}
+
+    async def go(policy: BatchPolicy) -> None:
+        with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
+            scheduler = Scheduler(run, policy, pool, batchable=True, what="models:/m/1")
+            small = {"x": np.ones((1, 4), np.float32)}
+            for _ in range(3):
+                out = await scheduler.submit(small, None, alone=True)
+                np.testing.assert_array_equal(out["y"], small["x"] * 2)
+            await scheduler.submit({"x": np.ones((1, 4), np.float32)}, None, alone=False)
+            await scheduler.submit({"x": np.ones((64, 1024), np.float32)}, None, alone=True)  # 256 KiB: a thread
+
+    asyncio.run(go(BatchPolicy(max_batch_size=8)))
+    loop_thread = threading.main_thread().name
+    # The first call is timed in a thread; then a request alone runs inline; not alone or large: in a thread.
+    assert where[0].startswith("pool") and where[1:3] == [loop_thread, loop_thread], where
+    assert where[3].startswith("pool") and where[4].startswith("pool"), where
+
+    where.clear()
+    asyncio.run(go(BatchPolicy(max_batch_size=8, max_queue_delay_s=0.001)))  # asked to wait for company
+    assert all(name.startswith("pool") for name in where), where

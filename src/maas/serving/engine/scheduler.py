@@ -178,7 +178,8 @@ class Scheduler:
         """The model's outputs for ``inputs`` (only those named in ``outputs``; all when None).
 
         ``alone``: the caller knows of no other request in flight. Such a request to an idle model whose calls
-        take under :data:`INLINE_RUN_S` runs on the event loop itself, saving the two thread switches that would
+        take under :data:`INLINE_RUN_S` runs on the event loop itself (unless its deployment asks requests to wait
+        for company), saving the two thread switches that would
         cost more than the call (under concurrency requests always go through the queue, where they batch).
 
         Raises ``RateLimited`` at once when the queue is full, ``Unavailable`` once the scheduler is closing, and
@@ -191,7 +192,8 @@ class Scheduler:
             self._loop = loop
         if self._closed:
             raise self._unloading()
-        if alone and not self._queue and not self._active and self._cost < INLINE_RUN_S:
+        waits = self._batching() and self._policy.max_queue_delay_s > 0  # asked to wait for company
+        if alone and not waits and not self._queue and not self._active and self._cost < INLINE_RUN_S:
             rows = _shape_key(inputs)[0]
             if rows * self._row_cost < INLINE_RUN_S and sum(a.nbytes for a in inputs.values()) <= INLINE_BYTES:
                 return self._run_inline(inputs, outputs, rows)
