@@ -38,7 +38,9 @@ def test_readme_walkthrough_runs(home: Path, tmp_path: Path) -> None:
         "COLUMNS": "200",
     }
     # 37 s on a quiet machine; the limits leave room for a loaded one, and a timeout kills the background server.
-    proc = processes.run(["bash", "-c", readme_script(port, free_port())], cwd=tmp_path, env=env, text=True, timeout=780)
+    proc = processes.run(
+        ["bash", "-c", readme_script(port, free_port())], cwd=tmp_path, env=env, text=True, timeout=780
+    )
     out = proc.stdout
     assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{proc.stderr}"
     assert "Registered models:/digits/1" in out and "Registered models:/digits/2" in out

@@ -1,16 +1,24 @@
 """Crafted messages against the gRPC endpoint of a real ``maas serve``: every one gets INVALID_ARGUMENT or
 RESOURCE_EXHAUSTED (UNAVAILABLE and 429-like ones with ``retry-after``) with a message naming the problem or the
-limit, never INTERNAL, and the server keeps answering. The decoder itself is fuzzed in-process: whatever message
-arrives, it returns arrays matching the signature or raises a client error."""
+limit, never INTERNAL, and the server keeps answering. What clients can hold (bytes in flight, connections, slots
+to send a message in) is bounded as for REST. The decoder itself is fuzzed in-process: whatever message arrives, it
+returns arrays matching the signature or raises a client error."""
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import struct
-from collections.abc import Callable, Iterator
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
 
 import grpc
+import httpx
 import numpy as np
+import psutil
 import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
@@ -18,13 +26,16 @@ from hypothesis import strategies as st
 
 from maas.errors import MaasError
 from maas.registry import Registry
+from maas.serving.budget import InflightBytes
+from maas.serving.engine.core import Engine
 from maas.serving.grpc import codec
 from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
 from maas.serving.grpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
+from maas.serving.grpc.server import start_grpc
 from maas.serving.limits import RequestLimits
 from maas.tensors import DATATYPES, Signature, TensorSpec
 from maas.testing.models import make_linear_model, make_text_model
-from maas.testing.server import RemoteServer
+from maas.testing.server import RemoteServer, free_port
 from tests.security.test_server_abuse import make_reduce_model
 
 pytestmark = pytest.mark.timeout(600)
@@ -251,6 +262,243 @@ def test_heavy_decodes_over_the_cap_get_resource_exhausted_with_retry_after(chan
     for code, details, trailing in answers:
         if code == EXHAUSTED:
             assert trailing.get("retry-after") == "1" and "MAAS_MAX_CONCURRENT_DECODES" in details, (details, trailing)
+
+
+# -- what clients can hold: bytes in flight, slots to send a message in, connections -------------------------------
+
+BOUNDED_INFLIGHT = 24 * MiB
+BOUNDED_MESSAGE = 8 * MiB  # so 3 messages come in at once (the budget over the largest message)
+BOUNDED = {
+    "MAAS_MAX_INFLIGHT_BYTES": str(BOUNDED_INFLIGHT),
+    "MAAS_MAX_REQUEST_BYTES": str(BOUNDED_MESSAGE),
+    "MAAS_MAX_CONNECTIONS": "64",
+    "MAAS_HEADER_TIMEOUT_S": "2",
+    "MAAS_BODY_TIMEOUT_S": "30",
+    "MAAS_MAX_CONCURRENT_DECODES": "64",  # no 429s: the budget is under test
+}
+#: A client's HTTP/2 connection preface and an empty SETTINGS frame: enough for grpc to count it as a connection.
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteServer]:
+    home = tmp_path_factory.mktemp("grpc-bounded-home")
+    models = tmp_path_factory.mktemp("grpc-bounded-models")
+    Registry(home=home).register(make_reduce_model(models / "reduce.onnx"), "reduce")
+    with RemoteServer(home, env=BOUNDED) as srv:
+        yield srv
+
+
+def _reduce_message(size: int) -> bytes:
+    rows = size // 16
+    return request("reduce", ("x", "FP32", [rows, 4]), raw=[b"\0" * (rows * 16)]).SerializeToString()
+
+
+def _call(channel: grpc.Channel, body: bytes) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    try:
+        send(channel, body)
+        return grpc.StatusCode.OK, "", {}
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details(), dict(exc.trailing_metadata() or ())
+
+
+def _grpc_connections(server: RemoteServer) -> int:
+    assert server.proc is not None
+    conns = psutil.Process(server.proc.pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.laddr and c.laddr.port == server.grpc_port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def _closed_within(sock: socket.socket, timeout_s: float) -> bool:
+    """Whether the server closes ``sock`` within ``timeout_s`` (what it sends meanwhile is read and dropped)."""
+    sock.settimeout(timeout_s)
+    try:
+        while sock.recv(65536):
+            pass
+    except (TimeoutError, BlockingIOError):
+        return False
+    except OSError:  # reset
+        pass
+    return True
+
+
+def test_messages_past_the_in_flight_budget_get_unavailable_with_retry_after(bounded: RemoteServer) -> None:
+    # REST and gRPC share one budget: three slow REST uploads hold most of it, so a gRPC message over what is left is
+    # refused at once (before the model is even looked up), while an empty one still fits.
+    body = _reduce_message(4 * MiB)
+    holders = []
+    with grpc.insecure_channel(bounded.grpc_address) as channel:
+        try:
+            head = f"POST /v2/models/reduce/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {BOUNDED_MESSAGE}\r\n\r\n"
+            for _ in range(3):
+                s = socket.create_connection(("127.0.0.1", bounded.port), timeout=10)
+                s.sendall(head.encode() + b"0" * (BOUNDED_MESSAGE - MiB // 2))
+                holders.append(s)
+            deadline = time.monotonic() + 10
+            while (answer := _call(channel, body))[0] == grpc.StatusCode.OK and time.monotonic() < deadline:
+                time.sleep(0.1)  # until the server has read the uploads
+            code, details, trailing = answer
+            assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+            assert "MAAS_MAX_INFLIGHT_BYTES" in details and trailing.get("retry-after") == "1", (details, trailing)
+            assert live(channel)
+        finally:
+            for s in holders:
+                s.close()
+        deadline = time.monotonic() + 10
+        while (answer := _call(channel, body))[0] != grpc.StatusCode.OK and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert answer[0] == grpc.StatusCode.OK, f"the budget was not given back: {answer}"
+
+
+class PeakRss:
+    """The server's highest RSS while the block runs, sampled every 5 ms."""
+
+    def __init__(self, server: RemoteServer) -> None:
+        assert server.proc is not None
+        self.proc = psutil.Process(server.proc.pid)
+        self.before = self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __enter__(self) -> PeakRss:
+        self.before = self.peak = self.proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_concurrent_large_messages_keep_memory_bounded(bounded: RemoteServer) -> None:
+    # grpcio holds a message whole before a handler runs: 48 clients sending 8 MiB at once grew the server by ~300 MiB
+    # (each message also copied). Now 3 come in at once and the budget's worth (3) is held, each about 4x while decoded.
+    body = _reduce_message(BOUNDED_MESSAGE - 4096)
+    options = [("grpc.max_send_message_length", -1), ("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    channels = [grpc.insecure_channel(bounded.grpc_address, options=options) for _ in range(48)]
+    try:
+        with PeakRss(bounded) as rss, ThreadPoolExecutor(len(channels)) as pool:
+            answers = list(pool.map(lambda ch: _call(ch, body), channels))
+    finally:
+        for ch in channels:
+            ch.close()
+    codes = [a[0] for a in answers]
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE} and grpc.StatusCode.OK in codes, answers
+    for code, details, trailing in answers:
+        if code == grpc.StatusCode.UNAVAILABLE:
+            assert trailing.get("retry-after") == "1", (details, trailing)
+    growth = rss.peak - rss.before
+    assert growth < 192 * MiB, f"48 gRPC messages of 8 MiB grew the server by {growth / MiB:.0f} MiB"
+
+
+def test_refused_messages_are_freed_at_once(bounded: RemoteServer) -> None:
+    # grpc keeps an aborted call's exception in a reference cycle; a traceback through the handler kept each refused
+    # message (and its parsed copy) alive until a full garbage collection: three bursts of 48 refused 8 MiB messages
+    # left the server at 1.4 GB.
+    assert bounded.proc is not None
+    proc = psutil.Process(bounded.proc.pid)
+    body = request("nope", ("x", "FP32", [1, 4]), raw=[b"\0" * (BOUNDED_MESSAGE - 4096)]).SerializeToString()
+    with grpc.insecure_channel(bounded.grpc_address, options=[("grpc.max_send_message_length", -1)]) as channel:
+        assert _call(channel, body)[0] == grpc.StatusCode.NOT_FOUND  # every path warm before measuring
+        before = proc.memory_info().rss
+        for _ in range(40):
+            assert _call(channel, body)[0] == grpc.StatusCode.NOT_FOUND
+    growth = proc.memory_info().rss - before
+    assert growth < 64 * MiB, f"40 refused messages of 8 MiB left the server {growth / MiB:.0f} MiB bigger"
+
+
+def test_silent_connections_are_closed_after_the_header_timeout(bounded: RemoteServer) -> None:
+    # A socket that never speaks HTTP/2 holds a descriptor until MAAS_HEADER_TIMEOUT_S, not for ever.
+    socks = [socket.create_connection(("127.0.0.1", bounded.grpc_port), timeout=5) for _ in range(5)]
+    started = time.monotonic()
+    try:
+        assert all(_closed_within(s, 8) for s in socks)
+        assert time.monotonic() - started < 6
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_connections_past_the_cap_are_closed_and_http_stays_live(bounded: RemoteServer) -> None:
+    cap = int(BOUNDED["MAAS_MAX_CONNECTIONS"])
+    socks = []
+    try:
+        for _ in range(3 * cap):
+            s = socket.create_connection(("127.0.0.1", bounded.grpc_port), timeout=5)
+            s.sendall(H2_PREFACE)
+            socks.append(s)
+        time.sleep(0.5)
+        assert _grpc_connections(bounded) <= cap
+        assert sum(_closed_within(s, 0) for s in socks) >= 2 * cap  # 0: non-blocking
+        assert httpx.get(f"{bounded.url}/v2/health/live", timeout=5).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+    with grpc.insecure_channel(bounded.grpc_address) as channel:
+        assert live(channel), "gRPC did not serve again once the connections closed"
+
+
+# -- the same bounds on an in-process server, with timeouts too short for a real one ----------------------------------
+
+
+def _serve_in_process(main: Callable[[str], Awaitable[None]], **bounds: Any) -> None:
+    """Run ``main(address)`` (a coroutine function) against ``start_grpc`` with ``bounds``; the RPCs used need no
+    engine (ServerLive, and messages that never arrive)."""
+
+    async def run() -> None:
+        port = free_port()
+        server = await start_grpc(cast(Engine, object()), "127.0.0.1", port, max_message_bytes=MiB, **bounds)
+        try:
+            await main(f"127.0.0.1:{port}")
+        finally:
+            await server.stop(None)
+
+    asyncio.run(run())
+
+
+def test_idle_connections_are_closed() -> None:
+    async def main(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            assert (await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())).live
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            started = time.monotonic()
+            await asyncio.wait_for(channel.wait_for_state_change(grpc.ChannelConnectivity.READY), 10)
+            assert channel.get_state() == grpc.ChannelConnectivity.IDLE
+            assert 0.8 < time.monotonic() - started < 5
+            # and the next call reconnects, unseen
+            assert (await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())).live
+
+    _serve_in_process(main, idle_timeout_s=1.0)
+
+
+def test_a_stalled_message_frees_its_slot_after_the_body_timeout() -> None:
+    # Budget 2 MiB over messages of at most 1 MiB: 2 slots. Two calls that never send their message hold both; a
+    # third waits, and is served once the stalled ones are cut off with DEADLINE_EXCEEDED.
+    async def main(address: str) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            never = asyncio.Event()
+
+            async def nothing() -> AsyncIterator[bytes]:
+                await never.wait()
+                yield b""
+
+            infer = channel.stream_unary("/inference.GRPCInferenceService/ModelInfer")
+            stalled = [infer(nothing()) for _ in range(2)]
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+            assert reply.live and 0.5 < time.monotonic() - started < 4
+            for call in stalled:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await call
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+                assert "MAAS_BODY_TIMEOUT_S" in (info.value.details() or "")
+
+    _serve_in_process(main, inflight=InflightBytes(2 * MiB), body_timeout_s=1.0, header_timeout_s=5.0)
 
 
 # -- the decoder, fuzzed in-process ---------------------------------------------------------------------------------

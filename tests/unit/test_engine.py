@@ -104,3 +104,42 @@ def test_a_model_without_a_batch_dimension_is_never_batched(registry: Registry, 
 
         asyncio.run(go())
         engine.manager.stop()
+
+
+def _graph_model(path: Path, nodes: list, inputs: list, outputs: list) -> Path:  # type: ignore[type-arg]
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_only_a_shared_named_first_dimension_is_a_batch_dimension(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from maas import runtimes
+    from maas.runtimes.base import batches_rows, cost_bounded
+
+    linear = runtimes.load(make_linear_model(tmp_path / "lin.onnx"), "onnx")
+    assert batches_rows(linear) and cost_bounded(linear)
+    # x [rows, cols] -> sum over rows [cols]: every dimension is dynamic, but `cols` is no batch dimension.
+    mixer = _graph_model(
+        tmp_path / "mix.onnx",
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=0)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", "cols"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["cols"])],
+    )
+    runtime = runtimes.load(mixer, "onnx")
+    assert batchable(runtime.signature) and not batchable(runtime.signature, runtime)
+    # n -> an n x n matrix: the work is what a value asks, so it must never run on the event loop.
+    grow = _graph_model(
+        tmp_path / "grow.onnx",
+        [helper.make_node("ConstantOfShape", ["n"], ["y"])],
+        [helper.make_tensor_value_info("n", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])],
+    )
+    assert not cost_bounded(runtimes.load(grow, "onnx"))

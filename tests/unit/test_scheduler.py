@@ -499,7 +499,7 @@ def test_a_request_alone_runs_a_fast_model_on_the_event_loop_and_never_a_large_o
 
     async def go(policy: BatchPolicy) -> None:
         with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:
-            scheduler = Scheduler(run, policy, pool, batchable=True, what="models:/m/1")
+            scheduler = Scheduler(run, policy, pool, batchable=True, what="models:/m/1", inline=True)
             small = {"x": np.ones((1, 4), np.float32)}
             for _ in range(3):
                 out = await scheduler.submit(small, None, alone=True)

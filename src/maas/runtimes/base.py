@@ -37,6 +37,20 @@ class Runtime(Protocol):
         ...
 
 
+def batches_rows(runtime: Runtime) -> bool:
+    """Whether ``runtime`` declares that dimension 0 of every input and output is one and the same batch dimension
+    (so requests may be concatenated along it and the outputs split back). A runtime says so with a true
+    ``batches_rows`` attribute; one that does not is never batched."""
+    return getattr(runtime, "batches_rows", False) is True
+
+
+def cost_bounded(runtime: Runtime) -> bool:
+    """Whether a call's work is bounded by the size of its inputs, never by their values (no operator that makes a
+    tensor as large as a value asks): a true ``cost_bounded`` attribute says so. Only such a model may run on a
+    server's event loop."""
+    return getattr(runtime, "cost_bounded", False) is True
+
+
 class Format(Protocol):
     """A model format: how to read an artifact's signature and how to load it. One per module."""
 

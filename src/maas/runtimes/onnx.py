@@ -81,6 +81,48 @@ def _signature(model: onnx.ModelProto, path: Path) -> Signature:
     )
 
 
+#: Operators whose output can be as large as a value in their inputs says (or that loop as often): their cost is not
+#: bounded by the size of the inputs.
+_EXPANDING_OPS = frozenset(
+    {
+        *("ConstantOfShape", "Range", "Expand", "Tile", "Resize", "Upsample", "Pad", "OneHot", "MaxUnpool"),
+        *("Col2Im", "CenterCropPad", "RandomNormal", "RandomUniform", "Multinomial", "DFT", "STFT"),
+        *("BlackmanWindow", "HannWindow", "HammingWindow", "MelWeightMatrix"),
+        *("Loop", "Scan", "If"),
+    }
+)
+
+
+def _shared_batch_dim(model: onnx.ModelProto) -> bool:
+    """Whether dimension 0 of every input and output is the same named symbol, used by no other dimension."""
+    graph = model.graph
+    weights = {init.name for init in graph.initializer}
+    values = [v for v in graph.input if v.name not in weights] + list(graph.output)
+    firsts: set[str] = set()
+    others: set[str] = set()
+    for value in values:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        if not dims or not dims[0].dim_param:
+            return False
+        firsts.add(dims[0].dim_param)
+        others.update(d.dim_param for d in dims[1:] if d.dim_param)
+    return len(firsts) == 1 and not firsts & others
+
+
+def _cost_bounded(model: onnx.ModelProto) -> bool:
+    graphs: list[onnx.GraphProto] = [model.graph]
+    nodes: list[onnx.NodeProto] = [n for f in model.functions for n in f.node]
+    while graphs:
+        graph = graphs.pop()
+        nodes.extend(graph.node)
+        for node in graph.node:
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+    return not any(n.op_type in _EXPANDING_OPS for n in nodes)
+
+
 def _read(path: Path) -> tuple[bytes, onnx.ModelProto]:
     """The file's bytes (read once: the session is built from the very bytes that were checked) and its model."""
     try:
@@ -188,10 +230,22 @@ def _from_ort(value: Any) -> np.ndarray:
 class OnnxRuntime:
     """One loaded ONNX model. ``InferenceSession.run`` is thread-safe, so one session serves all threads."""
 
-    def __init__(self, session: ort.InferenceSession, signature: Signature, device: str) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        signature: Signature,
+        device: str,
+        *,
+        batches_rows: bool = False,
+        cost_bounded: bool = False,
+    ) -> None:
         self._session: ort.InferenceSession | None = session
         self.signature = signature
         self.device = device
+        #: Dimension 0 of every input and output is one named batch dimension (see maas.runtimes.base.batches_rows).
+        self.batches_rows = batches_rows
+        #: No operator whose cost a value decides (see maas.runtimes.base.cost_bounded).
+        self.cost_bounded = cost_bounded
         self._bytes_inputs = {s.name for s in signature.inputs if s.datatype == "BYTES"}
 
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -232,6 +286,7 @@ class OnnxFormat:
     def load(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> OnnxRuntime:
         data, model = _read(path)
         signature = _signature(model, path)
+        batches, bounded = _shared_batch_dim(model), _cost_bounded(model)
         del model
         want = resolve_device(
             device, cuda_available="CUDAExecutionProvider" in ort.get_available_providers(), runtime="onnxruntime"
@@ -241,7 +296,7 @@ class OnnxFormat:
         used = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         if used != want:
             logger.warning("%s: the CUDA provider failed to start; running on the CPU", path.name)
-        return OnnxRuntime(session, signature, used)
+        return OnnxRuntime(session, signature, used, batches_rows=batches, cost_bounded=bounded)
 
 
 FORMAT = OnnxFormat()

@@ -50,7 +50,7 @@ class MaasApp(FastAPI):
             FastInfer(super().__call__, ctx),
             max_body_bytes=settings.max_request_bytes,
             body_timeout_s=settings.body_timeout_s,
-            max_inflight_bytes=settings.max_inflight_bytes,
+            inflight=ctx.inflight,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

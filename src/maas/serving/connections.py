@@ -13,6 +13,8 @@ requests ahead. :func:`protocol_class` returns the same protocol with these boun
 - a write deadline: a client that stops reading its responses (its socket full, our buffer over the
   high-water mark) for ``write_timeout_s`` has its connection dropped and the buffered response freed, so
   unread answers (pipelined requests never read, say) cannot hold memory or a connection slot for ever;
+- a request head (request line and headers) of at most :data:`MAX_HEAD_BYTES`, else 431 and the connection is
+  closed (llhttp itself has no bound, and uvicorn keeps every header line as Python objects);
 - at most :data:`MAX_PIPELINED` requests parsed ahead of the one being answered; a client sending more is
   disconnected (each parsed request holds memory until its turn).
 
@@ -31,6 +33,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 #: Requests parsed ahead of the one being answered on one connection.
 MAX_PIPELINED = 32
+#: Bytes of a request's head (request line and headers); a longer head is answered 431 and the connection closed.
+MAX_HEAD_BYTES = 64 * 1024
 #: Held writes are sent at once past this size.
 COALESCE_BYTES = 64 * 1024
 
@@ -100,6 +104,11 @@ def protocol_class(
         f"the server has {max_connections} connections open already (MAAS_MAX_CONNECTIONS); retry shortly",
         b"retry-after: 1\r\n",
     )
+    too_big = _raw_response(
+        431,
+        "Request Header Fields Too Large",
+        f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes; send fewer or shorter headers",
+    )
     too_slow = _raw_response(
         408,
         "Request Timeout",
@@ -110,6 +119,8 @@ def protocol_class(
         _deadline: asyncio.TimerHandle | None = None
         _write_deadline: asyncio.TimerHandle | None = None
         _refused = False
+        _in_head = True  # the bytes arriving belong to a request's head (not yet complete)
+        _head_bytes = 0
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             if len(self.connections) >= max_connections:
@@ -130,8 +141,14 @@ def protocol_class(
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if not self._refused:
-                super().data_received(data)
+            if self._refused:
+                return
+            if self._in_head:
+                self._head_bytes += len(data)  # may count a body's first bytes too: only ever early, never late
+            super().data_received(data)
+            if self._in_head and self._head_bytes > MAX_HEAD_BYTES and not self.transport.is_closing():
+                self.transport.write(too_big)
+                self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -139,12 +156,14 @@ def protocol_class(
                 self._arm()  # the first bytes of the next request on a kept-alive connection
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             self._disarm()  # headers complete; the body's deadline is the app's (RequestGuard)
             super().on_headers_complete()
             if len(self.pipeline) > MAX_PIPELINED:
                 self.transport.abort()
 
         def on_message_complete(self) -> None:
+            self._in_head, self._head_bytes = True, 0  # what follows is the next request's head
             super().on_message_complete()
             if self.cycle is not None and self.cycle.response_complete:
                 self._disarm()  # the rest of an early-answered body has arrived

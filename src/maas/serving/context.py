@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from maas.registry import Registry
 from maas.serving import memory
+from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine
 from maas.serving.manager import ModelManager
 from maas.serving.metrics import ServerMetrics
@@ -30,6 +31,8 @@ class ServingContext:
     manager: ModelManager
     executor: ThreadPoolExecutor
     engine: Engine
+    #: Request bytes in flight, REST and gRPC together (MAAS_MAX_INFLIGHT_BYTES).
+    inflight: InflightBytes = field(default_factory=lambda: InflightBytes(0))
     grpc_server: Any = None
     _sweeper: asyncio.Task[None] | None = None
 
@@ -46,7 +49,7 @@ class ServingContext:
         )
         executor = ThreadPoolExecutor(max_workers=settings.infer_threads, thread_name_prefix="maas-infer")
         engine = Engine(manager, metrics, executor, settings)
-        return cls(settings, registry, metrics, manager, executor, engine)
+        return cls(settings, registry, metrics, manager, executor, engine, InflightBytes(settings.max_inflight_bytes))
 
     async def start(self) -> None:
         """Start following the registry (models load in the background) and the gRPC endpoint, if configured."""
@@ -55,7 +58,7 @@ class ServingContext:
         self.manager.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if self.settings.grpc_port is not None:
-            from maas.serving.grpc.server import start_grpc
+            from maas.serving.grpc.server import MIN_IDLE_TIMEOUT_S, start_grpc
 
             self.grpc_server = await start_grpc(
                 self.engine,
@@ -63,6 +66,11 @@ class ServingContext:
                 self.settings.grpc_port,
                 max_message_bytes=self.settings.max_request_bytes,
                 reuse_port=self.settings.workers > 1,  # the workers share the port; the supervisor checked it free
+                inflight=self.inflight,
+                max_connections=self.settings.max_connections,
+                header_timeout_s=self.settings.header_timeout_s,
+                body_timeout_s=self.settings.body_timeout_s,
+                idle_timeout_s=max(self.settings.keepalive_timeout_s, MIN_IDLE_TIMEOUT_S),
             )
 
     async def _sweep(self) -> None:

@@ -5,7 +5,6 @@ and the bytes all requests in flight hold together. It also gives every request 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import re
@@ -14,6 +13,7 @@ import secrets
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from maas.errors import PayloadTooLarge, RequestTimeout, Unavailable
+from maas.serving.budget import InflightBytes
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +24,12 @@ _CLIENT_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 class RequestGuard:
     """See the module docstring. Errors raised from ``receive`` reach the app's exception handlers."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, max_inflight_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, body_timeout_s: float, inflight: InflightBytes) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
-        self.max_inflight_bytes = max_inflight_bytes
-        #: Body bytes held by requests in flight (one event loop: no lock needed).
-        self.inflight_bytes = 0
+        #: Request bytes held in flight by the whole process (gRPC messages too).
+        self.inflight = inflight
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,7 +47,7 @@ class RequestGuard:
         if declared is not None and declared > self.max_body_bytes:
             await _send_error(send_with_id, PayloadTooLarge(self._too_large(declared)))
             return
-        if declared is not None and self.inflight_bytes + declared > self.max_inflight_bytes:
+        if declared is not None and not self.inflight.fits(declared):
             await _send_error(send_with_id, Unavailable(self._busy()))
             return
 
@@ -71,11 +70,11 @@ class RequestGuard:
             if message["type"] == "http.request":
                 size = len(message.get("body", b""))
                 held += size
-                self.inflight_bytes += size
+                self.inflight.take(size)
                 complete = not message.get("more_body", False)
                 if held > self.max_body_bytes:
                     raise PayloadTooLarge(self._too_large(held))
-                if self.inflight_bytes > self.max_inflight_bytes:
+                if self.inflight.held > self.inflight.limit:
                     raise Unavailable(self._busy())
             else:
                 complete = True
@@ -104,7 +103,7 @@ class RequestGuard:
                     [],
                 )
         finally:
-            self.inflight_bytes -= held
+            self.inflight.give(held)
 
     def _too_large(self, size: int) -> str:
         return (
@@ -113,15 +112,7 @@ class RequestGuard:
         )
 
     def _busy(self) -> str:
-        return (
-            f"the server holds {self.max_inflight_bytes:,} bytes of request bodies in flight already "
-            "(MAAS_MAX_INFLIGHT_BYTES); retry shortly"
-        )
-
-
-#: Server-made request ids: this process's random prefix and a counter (unique, and far cheaper than uuid4).
-_ID_PREFIX = secrets.token_hex(8)
-_ids = itertools.count(1)
+        return self.inflight.busy_message()
 
 
 def _request_id(scope: Scope) -> str:
@@ -130,7 +121,7 @@ def _request_id(scope: Scope) -> str:
             text: str = bytes(value).decode("latin-1")
             if _CLIENT_ID.fullmatch(text):
                 return text
-    return f"{_ID_PREFIX}{next(_ids):016x}"
+    return secrets.token_hex(16)  # unpredictable: a client cannot take the id of a later request
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import json.scanner
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,8 +18,9 @@ import orjson
 
 #: Bodies up to this size parse in one C call (about 10 ms on a slow core).
 C_PARSE_BYTES = 512 * 1024
-#: Elements encoded per C call.
+#: Elements encoded per C call, and bytes of texts.
 ENCODE_SLICE = 32_768
+ENCODE_SLICE_BYTES = 1 << 20
 
 _python_decoder = json.JSONDecoder()
 _python_decoder.scan_once = json.scanner.py_make_scanner(_python_decoder)  # type: ignore[attr-defined]
@@ -78,9 +79,23 @@ def _finite(flat: np.ndarray) -> bool:
     return flat.size <= ENCODE_SLICE and flat.dtype.itemsize in (4, 8) and bool(np.isfinite(flat).all())
 
 
-def dumps_texts(values: list[str], budget: Budget | None = None) -> list[bytes]:
-    """A JSON list of strings, as :func:`dumps_flat` makes it."""
-    return _pieces((values[i : i + ENCODE_SLICE] for i in range(0, len(values), ENCODE_SLICE)), budget)
+def dumps_texts(values: Iterable[bytes], budget: Budget | None = None) -> list[bytes]:
+    """A JSON list of UTF-8 texts (invalid sequences replaced), as :func:`dumps_flat` makes it: decoded and encoded a
+    slice at a time, a slice holding at most ``ENCODE_SLICE`` texts or ``ENCODE_SLICE_BYTES`` bytes."""
+    return _pieces(_text_slices(values), budget)
+
+
+def _text_slices(values: Iterable[bytes]) -> Iterator[list[str]]:
+    part: list[str] = []
+    size = 0
+    for value in values:
+        if part and (len(part) >= ENCODE_SLICE or size + len(value) > ENCODE_SLICE_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(value.decode("utf-8", errors="replace"))
+        size += len(value)
+    if part:
+        yield part
 
 
 def _pieces(slices: Iterator[list[Any]], budget: Budget | None) -> list[bytes]:

@@ -21,6 +21,14 @@ from maas.errors import InvalidInput, PayloadTooLarge
 MAX_RANK = 32
 
 
+def payload_bytes(array: np.ndarray) -> int:
+    """The bytes ``array`` carries: its buffer, or for BYTES (object arrays, whose buffer holds only pointers) the
+    wire size of its elements (a 4-byte length each, then the bytes)."""
+    if array.dtype != object:
+        return int(array.nbytes)
+    return 4 * array.size + sum(len(x) if isinstance(x, bytes | str) else 0 for x in array.flat)
+
+
 class RequestLimits(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -101,11 +109,7 @@ class RequestLimits(BaseModel):
         """Refuse a response whose tensors add up to more than ``max_output_bytes`` (raw, before encoding)."""
         total = 0
         for value in outputs.values():
-            array = np.asarray(value)
-            if array.dtype == object:
-                total += 4 * array.size + sum(len(x) if isinstance(x, bytes | str) else 0 for x in array.flat)
-            else:
-                total += array.nbytes
+            total += payload_bytes(np.asarray(value))
             if total > self.max_output_bytes:
                 raise PayloadTooLarge(
                     f"{what} would answer with over {self.max_output_bytes:,} bytes of output tensors "

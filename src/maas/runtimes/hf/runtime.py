@@ -42,6 +42,8 @@ class HFEmbeddingRuntime:
     def __init__(self, info: ModelDir, tokenizer: Tokenizer, backend: _Backend, device: str) -> None:
         self.signature = _signature(info.hidden_size)
         self.device = device
+        #: One text in, one embedding out, each computed on its own: requests may be batched.
+        self.batches_rows = True
         self.tokenizer = tokenizer
         self._hidden = info.hidden_size
         self._backend: _Backend | None = backend

@@ -26,6 +26,7 @@ from maas import __version__
 from maas.errors import InvalidInput, MaasError, RateLimited, Unavailable
 from maas.registry import validate_name
 from maas.registry.uri import parse_version
+from maas.runtimes.base import Runtime, batches_rows, cost_bounded
 from maas.serving import memory
 from maas.serving.engine.scheduler import BatchPolicy, Scheduler
 from maas.serving.engine.types import InferRequest, InferResponse
@@ -56,10 +57,13 @@ class ModelMetadata:
     outputs: list[TensorSpec]
 
 
-def batchable(signature: Signature) -> bool:
-    """Whether requests to a model can be concatenated: every input and output has a dynamic first dimension."""
+def batchable(signature: Signature, runtime: Runtime | None = None) -> bool:
+    """Whether requests to a model can be concatenated: every input and output has a dynamic first dimension, and
+    the runtime (when given) declares that dimension one shared batch dimension (an ONNX graph whose inputs and
+    outputs all start with the same named dimension, used nowhere else)."""
     specs = [*signature.inputs, *signature.outputs]
-    return bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+    shaped = bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+    return shaped and (runtime is None or batches_rows(runtime))
 
 
 class Engine:
@@ -77,7 +81,8 @@ class Engine:
         self.max_heavy = settings.max_concurrent_decodes
         self._heavy = 0  # heavy decodes running (event loop only)
         self._inflight = 0  # inference requests between arrival and answer (event loop only)
-        self._schedulers: dict[tuple[str, int], tuple[LoadedModel, Scheduler, int]] = {}
+        #: (name, version) -> the loaded model, its scheduler, and the stamp of the deployment it runs under.
+        self._schedulers: dict[tuple[str, int], tuple[LoadedModel, Scheduler, object]] = {}
 
     # --- server and model state ----------------------------------------------------------------
 
@@ -183,10 +188,12 @@ class Engine:
         key = (loaded.name, loaded.version)
         deployment = self.manager.deployment(loaded.name)
         entry = self._schedulers.get(key)
+        # A revision alone could repeat when a model is deleted and registered again; with its time it cannot.
+        stamp = (deployment.revision, deployment.updated_at)
         if entry is not None and entry[0] is loaded:
-            if entry[2] != deployment.revision:
+            if entry[2] != stamp:
                 entry[1].set_policy(policy_of(deployment))
-                self._schedulers[key] = (loaded, entry[1], deployment.revision)
+                self._schedulers[key] = (loaded, entry[1], stamp)
             return entry[1]
         # Another runtime under the same version (reloaded with other threads, or new bytes): the old scheduler
         # finishes the requests it holds, which alone keep it (and its runtime) alive.
@@ -195,11 +202,12 @@ class Engine:
             guarded_run(loaded),
             policy_of(deployment),
             self.executor,
-            batchable=batchable(loaded.version_info.signature),
+            batchable=batchable(loaded.version_info.signature, loaded.runtime),
             what=loaded.version_info.uri,
+            inline=cost_bounded(loaded.runtime),
             on_batch=lambda rows, _requests: batch_size.observe(rows),
         )
-        self._schedulers[key] = (loaded, scheduler, deployment.revision)
+        self._schedulers[key] = (loaded, scheduler, stamp)
         return scheduler
 
     async def close(self) -> None:

@@ -32,11 +32,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from maas.errors import InvalidInput, RateLimited, Unavailable
+from maas.serving.limits import payload_bytes
 
 log = logging.getLogger(__name__)
 
 #: A request alone in the server runs on the event loop when its model's calls take less than this.
 INLINE_RUN_S = 0.0005
+#: A model whose inline call took longer than this (a stalled event loop) never runs inline again. Calls in a thread
+#: do not count: on a busy host a fast call is sometimes preempted for milliseconds, which stalls nothing.
+SLOW_CALL_S = 40 * INLINE_RUN_S
 #: ... and its inputs hold at most this many bytes.
 INLINE_BYTES = 64 * 1024
 _UNKNOWN_COST = float("inf")
@@ -137,6 +141,7 @@ class Scheduler:
         batchable: bool,
         what: str,
         on_batch: Callable[[int, int], None] | None = None,
+        inline: bool = False,
     ) -> None:
         self._run = run
         self._policy = policy
@@ -156,6 +161,9 @@ class Scheduler:
         self.rows = 0
         #: Seconds one request's model call takes (a moving average over calls of one request; unknown at first).
         self._cost = _UNKNOWN_COST
+        #: May a request alone run on the event loop (the model's cost is bounded by its inputs' size)? Turned off
+        #: for good by an inline call slower than SLOW_CALL_S.
+        self._inline = inline
         self._row_cost = _UNKNOWN_COST
 
     @property
@@ -193,9 +201,9 @@ class Scheduler:
         if self._closed:
             raise self._unloading()
         waits = self._batching() and self._policy.max_queue_delay_s > 0  # asked to wait for company
-        if alone and not waits and not self._queue and not self._active and self._cost < INLINE_RUN_S:
+        if alone and self._inline and not waits and not self._queue and not self._active and self._cost < INLINE_RUN_S:
             rows = _shape_key(inputs)[0]
-            if rows * self._row_cost < INLINE_RUN_S and sum(a.nbytes for a in inputs.values()) <= INLINE_BYTES:
+            if rows * self._row_cost < INLINE_RUN_S and sum(map(payload_bytes, inputs.values())) <= INLINE_BYTES:
                 return self._run_inline(inputs, outputs, rows)
         rows, key = _shape_key(inputs) if self._batchable else (1, None)
         request = _Request(inputs, outputs, rows, key, loop.create_future(), loop.time())
@@ -299,9 +307,12 @@ class Scheduler:
         self._active += 1
         self._running += 1
         self._count(rows, 1)
+        started = time.perf_counter()
         try:
             return self._timed_run(inputs, outputs)
         finally:
+            if time.perf_counter() - started > SLOW_CALL_S:
+                self._inline = False
             self._active -= 1
             self._running -= 1
             self._pump()

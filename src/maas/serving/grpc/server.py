@@ -6,6 +6,11 @@ a full decode queue, ``UNAVAILABLE``) also carry ``retry-after: 1`` in the trail
 bug: logged in full under a request id, answered ``INTERNAL`` with only that id. Handlers take the request's bytes
 and parse them themselves, so a malformed message is ``INVALID_ARGUMENT`` (grpcio would answer ``INTERNAL``); a
 message over ``max_message_bytes`` never reaches them (grpcio answers ``RESOURCE_EXHAUSTED``).
+
+What clients can hold is bounded as for REST (:mod:`maas.serving.connections`, :mod:`maas.serving.guard`): messages
+come in through an :class:`Intake` (a few at once, within a deadline) and count against the process's in-flight
+byte budget while their call runs; connections are capped, must start HTTP/2 within the header timeout, and are
+closed when idle (:func:`start_grpc`).
 """
 
 from __future__ import annotations
@@ -14,17 +19,21 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Awaitable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from maas.errors import InvalidInput, MaasError, RateLimited, Unavailable
+from maas.errors import InvalidInput, MaasError, RateLimited, RequestTimeout, Unavailable
+from maas.serving import memory
+from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine
 from maas.serving.errors import public_message
 from maas.serving.grpc import codec, model_config
 from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
+from maas.serving.limits import payload_bytes
+from maas.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,54 +42,118 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 #: Requests over this size are decoded in a thread, at most ``max_concurrent_decodes`` at once (else 429-like);
 #: responses over it are encoded in a thread.
 HEAVY_BYTES = 256 * 1024
+#: The shortest idle time after which a caller should have connections closed: a gRPC channel reconnects unseen on
+#: its next call, but that costs it round trips, so a client calling now and then should not be churned.
+MIN_IDLE_TIMEOUT_S = 30.0
+#: Trailing metadata of a status a client should retry (429- and 503-like).
+RETRY_AFTER = (("retry-after", "1"),)
+
+_DEFAULTS = ServerSettings()
 
 T = TypeVar("T")
 M = TypeVar("M")
 
 
-class InferenceServicer:
-    """The RPCs of the service: the OIP's six and Triton's ``ModelConfig``. Each takes the request's serialized
-    bytes and the call's context."""
+class Intake:
+    """How a call's request message comes in and what it holds meanwhile.
 
-    def __init__(self, engine: Engine) -> None:
+    grpcio buffers a message whole before a handler sees it, and nothing tells its size sooner; so a message is read
+    only in one of ``receivers`` slots (the budget over the largest message, so what arrives at once stays within
+    the budget too), waiting up to ``wait_s`` for one (then ``UNAVAILABLE``), and must arrive within ``receive_s``
+    (then ``DEADLINE_EXCEEDED``, freeing the slot). A message read is charged to ``inflight`` until :meth:`release`,
+    or refused ``UNAVAILABLE`` past the budget, as REST bodies are. The price: clients that stall mid-message can
+    hold every slot for ``receive_s`` at a time, delaying other gRPC calls (never REST)."""
+
+    def __init__(self, inflight: InflightBytes, *, receivers: int, wait_s: float, receive_s: float) -> None:
+        self.inflight = inflight
+        self.receivers = receivers
+        self.wait_s = wait_s
+        self.receive_s = receive_s
+        self._slots = asyncio.Semaphore(receivers)
+
+    async def receive(self, context: grpc.aio.ServicerContext) -> bytes:
+        """The call's message, charged to the budget: :meth:`release` its size when the call is done with it."""
+        data = await self._read(context)
+        size = len(data)
+        if not self.inflight.fits(size):
+            raise Unavailable(self.inflight.busy_message())
+        self.inflight.take(size)
+        return data
+
+    def release(self, size: int) -> None:
+        self.inflight.give(size)
+        if size > HEAVY_BYTES:
+            # malloc_trim walks the heap; off the loop (ctypes releases the GIL meanwhile)
+            asyncio.get_running_loop().run_in_executor(None, memory.trim)
+
+    async def _read(self, context: grpc.aio.ServicerContext) -> bytes:
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self.wait_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise Unavailable(
+                    f"the server is receiving {self.receivers} request messages already, as many as "
+                    "MAAS_MAX_INFLIGHT_BYTES / MAAS_MAX_REQUEST_BYTES allows at once; retry shortly"
+                ) from None
+        else:
+            await self._slots.acquire()  # returns at once
+        try:
+            async with asyncio.timeout(self.receive_s):
+                # Not the request iterator: its generator would keep the message alive after the call.
+                data = await context.read()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request message did not arrive within {self.receive_s:g} s (MAAS_BODY_TIMEOUT_S)"
+            ) from None
+        finally:
+            self._slots.release()
+        if not isinstance(data, bytes):  # grpc.aio.EOF
+            raise InvalidInput("the call carried no request message; send exactly one")
+        return data
+
+
+class InferenceServicer:
+    """The RPCs of the service: the OIP's six and Triton's ``ModelConfig``. Each reads its request's serialized bytes
+    through ``intake`` and parses them itself."""
+
+    def __init__(self, engine: Engine, intake: Intake) -> None:
         self.engine = engine
+        self.intake = intake
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """The method handlers of the service, by method name."""
-        responses: dict[str, tuple[Any, Any]] = {
-            "ServerLive": (self.ServerLive, pb.ServerLiveResponse),
-            "ServerReady": (self.ServerReady, pb.ServerReadyResponse),
-            "ModelReady": (self.ModelReady, pb.ModelReadyResponse),
-            "ServerMetadata": (self.ServerMetadata, pb.ServerMetadataResponse),
-            "ModelMetadata": (self.ModelMetadata, pb.ModelMetadataResponse),
-            "ModelInfer": (self.ModelInfer, pb.ModelInferResponse),
-            "ModelConfig": (self.ModelConfig, pb.ModelConfigResponse),
+        """The method handlers of the service, by method name. They are stream-unary handlers, which on the wire
+        are the same as unary ones: that kind alone lets a handler run before the message is read."""
+        rpcs: dict[str, tuple[Callable[[bytes], Awaitable[Any]], Any]] = {
+            "ServerLive": (self._server_live, pb.ServerLiveResponse),
+            "ServerReady": (self._server_ready, pb.ServerReadyResponse),
+            "ModelReady": (self._model_ready, pb.ModelReadyResponse),
+            "ServerMetadata": (self._server_metadata, pb.ServerMetadataResponse),
+            "ModelMetadata": (self._model_metadata, pb.ModelMetadataResponse),
+            "ModelInfer": (self._model_infer, pb.ModelInferResponse),
+            "ModelConfig": (self._model_config, pb.ModelConfigResponse),
         }
         return {
-            name: grpc.unary_unary_rpc_method_handler(method, response_serializer=response.SerializeToString)
-            for name, (method, response) in responses.items()
+            name: grpc.stream_unary_rpc_method_handler(
+                self._rpc(name, work), response_serializer=response.SerializeToString
+            )
+            for name, (work, response) in rpcs.items()
         }
 
-    async def ServerLive(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
-        return await _answer(context, "ServerLive", self._server_live(data))
+    def _rpc(
+        self, method: str, work: Callable[[bytes], Awaitable[T]]
+    ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[T]]:
+        async def handle(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> T:
+            return await _answer(context, method, self._serve(context, work))
 
-    async def ServerReady(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
-        return await _answer(context, "ServerReady", self._server_ready(data))
+        return handle
 
-    async def ModelReady(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
-        return await _answer(context, "ModelReady", self._model_ready(data))
-
-    async def ServerMetadata(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
-        return await _answer(context, "ServerMetadata", self._server_metadata(data))
-
-    async def ModelMetadata(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
-        return await _answer(context, "ModelMetadata", self._model_metadata(data))
-
-    async def ModelInfer(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
-        return await _answer(context, "ModelInfer", self._model_infer(data))
-
-    async def ModelConfig(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
-        return await _answer(context, "ModelConfig", self._model_config(data))
+    async def _serve(self, context: grpc.aio.ServicerContext, work: Callable[[bytes], Awaitable[T]]) -> T:
+        data = await self.intake.receive(context)
+        try:
+            return await work(data)
+        finally:
+            self.intake.release(len(data))
 
     # --- the work of each RPC ------------------------------------------------------------------
 
@@ -119,7 +192,7 @@ class InferenceServicer:
         _, response = await self.engine.infer(
             request.model_name, request.model_version or None, decode, heavy=len(data) > HEAVY_BYTES
         )
-        if sum(a.nbytes for a in response.outputs.values()) <= HEAVY_BYTES:
+        if sum(payload_bytes(a) for a in response.outputs.values()) <= HEAVY_BYTES:
             return codec.encode_response(response)
         loop = asyncio.get_running_loop()
         encoded: pb.ModelInferResponse = await loop.run_in_executor(
@@ -129,11 +202,36 @@ class InferenceServicer:
 
 
 async def start_grpc(
-    engine: Engine, host: str, port: int, *, max_message_bytes: int, reuse_port: bool = False
+    engine: Engine,
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    reuse_port: bool = False,
+    inflight: InflightBytes | None = None,
+    max_connections: int = _DEFAULTS.max_connections,
+    header_timeout_s: float = _DEFAULTS.header_timeout_s,
+    body_timeout_s: float = _DEFAULTS.body_timeout_s,
+    idle_timeout_s: float = MIN_IDLE_TIMEOUT_S,
 ) -> grpc.aio.Server:
-    """Serve ``inference.GRPCInferenceService`` on ``host:port`` and return the started
-    server; stop it with ``await server.stop(grace_s)``. Messages over ``max_message_bytes`` either way are refused
-    with ``RESOURCE_EXHAUSTED``. Raises :class:`OSError` when the address cannot be bound."""
+    """Serve ``inference.GRPCInferenceService`` on ``host:port`` and return the started server; stop it with
+    ``await server.stop(grace_s)``. Raises :class:`OSError` when the address cannot be bound.
+
+    The bounds, beside ``max_message_bytes`` either way (over it, ``RESOURCE_EXHAUSTED``): request messages held in
+    flight are charged to ``inflight``, the process's budget REST charges too (when None, one of the default
+    ``MAAS_MAX_INFLIGHT_BYTES``), and are read as :class:`Intake` says (within ``header_timeout_s`` of arriving,
+    ``body_timeout_s`` to come in); at most ``max_connections`` connections (grpc closes more as it accepts them)
+    and as many calls at once (more get ``RESOURCE_EXHAUSTED``); a connection has ``header_timeout_s`` to send its
+    HTTP/2 preface and settings, and is closed after ``idle_timeout_s`` without a call.
+    """
+    if inflight is None:
+        inflight = InflightBytes(_DEFAULTS.max_inflight_bytes)
+    intake = Intake(
+        inflight,
+        receivers=max(1, inflight.limit // max_message_bytes),
+        wait_s=header_timeout_s,
+        receive_s=body_timeout_s,
+    )
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -141,9 +239,19 @@ async def start_grpc(
             # Linux lets a second process bind a port in use with SO_REUSEPORT (grpcio's default) and share its
             # connections; a port in use must be an error instead.
             ("grpc.so_reuseport", int(reuse_port)),
-        ]
+            # Every connection holds a file descriptor, which HTTP needs too.
+            ("grpc.max_allowed_incoming_connections", max_connections),
+            ("grpc.server_handshake_timeout_ms", _ms(header_timeout_s)),
+            # A channel left idle reconnects on its next call, unseen by its user.
+            ("grpc.max_connection_idle_ms", _ms(idle_timeout_s)),
+            # BDP probing widens every stream's window to megabytes, which grpc fills before a handler reads: calls
+            # waiting for a slot would hold that much each. Without it a message being read still gets a window of
+            # its size (one round trip more for a large one).
+            ("grpc.http2.bdp_probe", 0),
+        ],
+        maximum_concurrent_rpcs=max_connections,
     )
-    handlers = InferenceServicer(engine).handlers()
+    handlers = InferenceServicer(engine, intake).handlers()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -160,6 +268,10 @@ async def start_grpc(
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def _parse(kind: type[M], data: bytes) -> M:
@@ -179,16 +291,19 @@ async def _answer(context: grpc.aio.ServicerContext, method: str, work: Awaitabl
     try:
         return await work
     except Exception as exc:
-        await _abort(context, method, exc)
+        code, details, trailing = _status(method, exc)
+    # Aborted only once the error and its traceback are gone: grpc keeps the abort's exception in a reference cycle
+    # with the call, and a traceback through the handler's frames would keep the request message (megabytes) alive
+    # until the garbage collector's next full pass.
+    await context.abort(code, details, trailing)
+    raise AssertionError("context.abort returned")  # it always raises
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> NoReturn:
+def _status(method: str, exc: Exception) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
     if isinstance(exc, MaasError) and type(exc) is not MaasError:
-        trailing = (("retry-after", "1"),) if isinstance(exc, RateLimited | Unavailable) else ()
-        await context.abort(grpc.StatusCode[exc.grpc_code], public_message(str(exc)), trailing)
+        trailing = RETRY_AFTER if isinstance(exc, RateLimited | Unavailable) else ()
+        return grpc.StatusCode[exc.grpc_code], public_message(str(exc)), trailing
     rid = uuid.uuid4().hex[:16]
     log.error("gRPC %s (request id %s) failed", method, rid, exc_info=exc)
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"internal server error; the server's log has the details under request id {rid}"
-    )
-    raise AssertionError("context.abort returned")  # it always raises
+    details = f"internal server error; the server's log has the details under request id {rid}"
+    return grpc.StatusCode.INTERNAL, details, ()

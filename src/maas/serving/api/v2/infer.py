@@ -20,6 +20,7 @@ from maas.serving import errors
 from maas.serving.api.v2 import protocol
 from maas.serving.context import ServingContext
 from maas.serving.engine.types import InferRequest
+from maas.serving.limits import payload_bytes
 from maas.tensors import Signature
 
 #: Bodies over this size (and every compressed body) count as heavy: at most ``max_concurrent_decodes`` at once.
@@ -57,7 +58,7 @@ async def infer(
             limits.max_output_bytes,
         )
 
-    if sum(a.nbytes for a in response.outputs.values()) <= INLINE_ENCODE_BYTES:
+    if sum(payload_bytes(a) for a in response.outputs.values()) <= INLINE_ENCODE_BYTES:
         return encode()
     result: tuple[bytes, dict[str, str]] = await asyncio.get_running_loop().run_in_executor(ctx.executor, encode)
     return result

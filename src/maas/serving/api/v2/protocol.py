@@ -172,8 +172,7 @@ def encode_response(
                 tensor["parameters"] = {"binary_data_size": len(raw)}
                 chunks.append(raw)
             elif datatype == "BYTES":
-                texts = [tensor_data.as_bytes(x).decode("utf-8", errors="replace") for x in arr.ravel()]
-                data = jsoncodec.dumps_texts(texts, budget)
+                data = jsoncodec.dumps_texts(map(tensor_data.as_bytes, arr.ravel()), budget)
             else:
                 data = jsoncodec.dumps_flat(arr, budget)
             encoded = _dumps(tensor)
