@@ -101,10 +101,12 @@ def _serving(
 
 
 @contextlib.contextmanager
-def maas_server(home: Path, *, grpc: bool) -> Iterator[Server]:
-    """``maas serve --port P [--grpc-port G]`` on ``home``'s registry, ready to answer."""
+def maas_server(home: Path, *, grpc: bool, workers: int = 1) -> Iterator[Server]:
+    """``maas serve --port P [--grpc-port G] [--workers N]`` on ``home``'s registry, ready to answer."""
     port = free_port()
     cmd = [sys.executable, "-m", "maas", "serve", "--port", str(port)]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     grpc_port = free_port() if grpc else None
     if grpc_port is not None:
         cmd += ["--grpc-port", str(grpc_port)]

@@ -5,7 +5,9 @@ One-row requests to a 784→1024→1024→10 MLP at 1, 8 and 64 connections: JSO
 tensors over HTTP and gRPC (Triton's ``perf_analyzer``); the naive server gets the same ``wrk`` runs. The load
 generators share the CPUs with the server, so on a small machine they take part of what they measure.
 ``BENCH_SECONDS`` (default 10) sets the seconds per point, ``BENCH_ROUNDS`` (default 1) how many times each
-point is measured (interleaved; the best round is reported, as interference only slows a run down).
+point is measured (interleaved; the best round is reported, as interference only slows a run down), and
+``BENCH_MAAS_WORKERS`` (default: the CPU count) how many worker processes ``maas serve`` runs, as a user would
+deploy it on this machine.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ TOOL = {
     "naive json-http": "wrk",
 }
 Runner = Callable[[int, float], Point]
+
+
+def _workers() -> int:
+    return int(os.environ.get("BENCH_MAAS_WORKERS") or os.cpu_count() or 1)
 
 
 def _settings() -> tuple[float, int]:
@@ -186,7 +192,7 @@ def _features(setup: Setup) -> dict[str, Any]:
 def _runners(stack: contextlib.ExitStack, setup: Setup, grpc: bool) -> dict[str, Runner]:
     """Start both servers, check their answers, and return a runner per mode that can run."""
     lua = loadgen.write_lua(setup.work / "post.lua", setup.body)
-    maas = stack.enter_context(servers.maas_server(setup.home, grpc=grpc))
+    maas = stack.enter_context(servers.maas_server(setup.home, grpc=grpc, workers=_workers()))
     setup.say(f"maas serve ready at {maas.url}" + (f", gRPC at {maas.grpc_address}" if grpc else ""))
     _check_json(maas, setup.sess, setup.body, setup.x_body)
     naive = stack.enter_context(servers.naive_server(setup.onnx, MODEL))
@@ -300,6 +306,7 @@ def run(console: Console) -> None:
         "connections": list(CONNECTIONS),
         "modes": MODES,
         "grpc": features["grpc"],
+        "maas_workers": _workers(),
         "batching": features["batching"],
         "perf_analyzer_shape": setup.pa_shape,
         "tools": ", ".join(f"{t.name} {t.version}" for t in setup.found.values()) or "none",

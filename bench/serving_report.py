@@ -82,6 +82,7 @@ def _notes(config: dict[str, Any], skipped: dict[str, str]) -> str:
     batching = config["batching"]
     lines = [
         f"- dynamic batching: {'on' if batching['on'] else 'off'} ({batching['how']})",
+        f"- maas serve ran {config.get('maas_workers', 1)} worker process(es) (`--workers`; BENCH_MAAS_WORKERS)",
         f"- load generators: {config['tools']}, sharing this machine's CPUs with the server",
         "- vs ceiling: req/s over in-process `session.run` rows/s at batch 1; vs naive: over the naive FastAPI "
         "server's req/s at the same connection count",

@@ -19,6 +19,7 @@ from maas import runtimes
 from maas.errors import InvalidInput, Unavailable
 from maas.registry import Registry
 from maas.serving import errors
+from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine, guarded_run
 from maas.serving.guard import RequestGuard
 from maas.serving.manager import ModelManager
@@ -43,7 +44,7 @@ def test_a_bug_is_a_500_with_the_request_id_and_nothing_else(caplog: pytest.LogC
         raise KeyError(SECRET)
 
     errors.install(app)
-    app.add_middleware(RequestGuard, max_body_bytes=1024, body_timeout_s=5, max_inflight_bytes=1 << 20)
+    app.add_middleware(RequestGuard, max_body_bytes=1024, body_timeout_s=5, inflight=InflightBytes(1 << 20))
     with caplog.at_level(logging.ERROR), TestClient(app, raise_server_exceptions=False) as client:
         r = client.get("/boom", headers={"X-Request-ID": "req-42"})
     assert r.status_code == 500
@@ -140,7 +141,7 @@ def test_a_panicking_model_is_400_and_a_panic_anywhere_is_a_json_500(registry: R
         raise _Panic("boom at " + SECRET)
 
     errors.install(app)
-    app.add_middleware(RequestGuard, max_body_bytes=1024, body_timeout_s=5, max_inflight_bytes=1 << 20)
+    app.add_middleware(RequestGuard, max_body_bytes=1024, body_timeout_s=5, inflight=InflightBytes(1 << 20))
     with TestClient(app, raise_server_exceptions=False) as client:
         r = client.get("/panic")
     assert r.status_code == 500 and r.headers["content-type"] == "application/json"
