@@ -5,7 +5,6 @@ requests of different clients and sizes into shared model calls."""
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -15,30 +14,15 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from maas.registry import Registry
+from maas.testing.models import make_identity_model
 from maas.testing.server import RemoteServer
-from tests.integration.test_grpc import DATATYPES, make_identity_model, sample
+from tests.integration.test_grpc import DATATYPES, sample
 
 pytestmark = pytest.mark.slow
 
 ALL_TYPES = [*DATATYPES, "BYTES"]
 BATCHES = [1, 2, 3, 5, 8, 13, 21, 34, 64]
 WIDTH = 3
-
-
-def make_bytes_identity(path: Path) -> Path:
-    import onnx
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "identity_bytes",
-        [helper.make_tensor_value_info("x", TensorProto.STRING, ["batch", WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.STRING, ["batch", WIDTH])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def values(datatype: str, batch: int, seed: int) -> np.ndarray:
@@ -57,11 +41,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
     sessions = {}
     for datatype in ALL_TYPES:
         name = f"id_{datatype.lower()}"
-        path = (
-            make_bytes_identity(folder / f"{name}.onnx")
-            if datatype == "BYTES"
-            else make_identity_model(folder / f"{name}.onnx", datatype, WIDTH)
-        )
+        path = make_identity_model(folder / f"{name}.onnx", datatype, WIDTH)
         reg.register(path, name)
         # Up to 64 rows a call, waiting 5 ms for company: concurrent requests are merged.
         reg.deploy(name, max_batch_size=64, max_queue_delay_ms=5)

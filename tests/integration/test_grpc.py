@@ -25,7 +25,7 @@ from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
 from maas.serving.grpc.generated import grpc_predict_v2_pb2_grpc as pb_grpc
 from maas.serving.grpc.server import start_grpc
 from maas.serving.limits import RequestLimits
-from maas.testing.models import make_linear_model, make_multi_io_model, make_text_model
+from maas.testing.models import make_identity_model, make_linear_model, make_multi_io_model, make_text_model
 from maas.testing.server import RemoteServer, free_port
 from tests.integration.conftest import multi_io_inputs
 
@@ -51,26 +51,6 @@ TYPED_FIELDS = {
     "FP32": "fp32_contents",
     "FP64": "fp64_contents",
 }
-
-
-def make_identity_model(path: Path, datatype: str, width: int = 3) -> Path:
-    """``x`` -> ``y`` (Identity) of ``datatype``, shape [-1, width]."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    elem = {"BOOL": TensorProto.BOOL, "FP16": TensorProto.FLOAT16, "FP32": TensorProto.FLOAT}.get(datatype)
-    if elem is None:
-        elem = getattr(TensorProto, {"FP64": "DOUBLE"}.get(datatype, datatype))
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        f"identity_{datatype.lower()}",
-        [helper.make_tensor_value_info("x", elem, ["batch", width])],
-        [helper.make_tensor_value_info("y", elem, ["batch", width])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
 
 
 def sample(datatype: str, shape: tuple[int, ...], seed: int) -> np.ndarray:

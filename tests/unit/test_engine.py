@@ -14,7 +14,7 @@ from maas.serving.manager import ModelManager
 from maas.serving.metrics import ServerMetrics
 from maas.serving.settings import ServerSettings
 from maas.tensors import Signature, TensorSpec
-from maas.testing.models import make_linear_model, make_text_model
+from maas.testing.models import make_linear_model, make_text_model, save_graph
 
 
 def _engine(registry: Registry, pool: ThreadPoolExecutor) -> Engine:
@@ -107,15 +107,9 @@ def test_a_model_without_a_batch_dimension_is_never_batched(registry: Registry, 
 
 
 def _graph_model(path: Path, nodes: list, inputs: list, outputs: list) -> Path:  # type: ignore[type-arg]
-    import onnx
     from onnx import helper
 
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", inputs, outputs), opset_imports=[helper.make_opsetid("", 17)]
-    )
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return path
+    return save_graph(helper.make_graph(nodes, "g", inputs, outputs), path)
 
 
 def test_only_a_shared_named_first_dimension_is_a_batch_dimension(tmp_path: Path) -> None:

@@ -287,7 +287,7 @@ def test_non_native_byte_order_and_non_contiguous_outputs() -> None:
 
 def test_model_metadata() -> None:
     sig = Signature(inputs=(TensorSpec("pixels", "FP32", (-1, 64)),), outputs=(TensorSpec("digit", "INT64", (-1,)),))
-    assert model_metadata("digits", ["1", "2"], "onnx", sig) == {
+    assert model_metadata("digits", ["1", "2"], "onnx", sig.inputs, sig.outputs) == {
         "name": "digits",
         "versions": ["1", "2"],
         "platform": "onnx",

@@ -3,8 +3,38 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+
+def save_graph(graph: Any, path: Path, *, check: bool = False) -> Path:
+    """``graph`` (an ``onnx.GraphProto``) saved as a model at opset 17, IR version 8 (what onnxruntime here takes)."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
+    model.ir_version = 8
+    if check:
+        onnx.checker.check_model(model)
+    path = Path(path)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_identity_model(path: Path, datatype: str, width: int = 3) -> Path:
+    """``x`` -> ``y`` (Identity) of the Open Inference Protocol ``datatype`` (BYTES too), shape [-1, width]."""
+    from onnx import TensorProto, helper
+
+    names = {"BOOL": "BOOL", "FP16": "FLOAT16", "FP32": "FLOAT", "FP64": "DOUBLE", "BYTES": "STRING"}
+    elem = getattr(TensorProto, names.get(datatype, datatype))
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        f"identity_{datatype.lower()}",
+        [helper.make_tensor_value_info("x", elem, ["batch", width])],
+        [helper.make_tensor_value_info("y", elem, ["batch", width])],
+    )
+    return save_graph(graph, path)
 
 
 def make_multi_io_model(path: Path, *, scale: float = 1.0, features: int = 4, width: int = 3) -> Path:
@@ -16,7 +46,6 @@ def make_multi_io_model(path: Path, *, scale: float = 1.0, features: int = 4, wi
 
     ``scale`` makes versions distinguishable by their output.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [
@@ -45,17 +74,11 @@ def make_multi_io_model(path: Path, *, scale: float = 1.0, features: int = 4, wi
         ],
         initializer=inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path, check=True)
 
 
 def make_linear_model(path: Path, *, features: int = 4, outputs: int = 2, seed: int = 0) -> Path:
     """``y = x @ W + b`` with random weights: FP32 [-1, features] -> FP32 [-1, outputs]."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -68,16 +91,11 @@ def make_linear_model(path: Path, *, features: int = 4, outputs: int = 2, seed: 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", outputs])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
-    model.ir_version = 8
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)
 
 
 def make_text_model(path: Path) -> Path:
     """A BYTES model: ``text`` BYTES [-1] -> ``echo`` BYTES [-1] (identity) and ``batch`` INT64 [1] (its length)."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -92,8 +110,4 @@ def make_text_model(path: Path) -> Path:
             helper.make_tensor_value_info("batch", TensorProto.INT64, [1]),
         ],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="maas.testing")
-    model.ir_version = 8
-    path = Path(path)
-    onnx.save(model, str(path))
-    return path
+    return save_graph(graph, path)

@@ -201,14 +201,16 @@ def _dumps(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
-def model_metadata(name: str, versions: Sequence[str], platform: str, signature: Signature | Any) -> dict[str, Any]:
+def model_metadata(
+    name: str, versions: Sequence[str], platform: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec]
+) -> dict[str, Any]:
     """The body of ``GET /v2/models/{name}[/versions/{v}]``."""
     return {
         "name": name,
         "versions": list(versions),
         "platform": platform,
-        "inputs": [s.to_dict() for s in signature.inputs],
-        "outputs": [s.to_dict() for s in signature.outputs],
+        "inputs": [s.to_dict() for s in inputs],
+        "outputs": [s.to_dict() for s in outputs],
     }
 
 

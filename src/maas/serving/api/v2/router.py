@@ -74,7 +74,9 @@ async def server_metadata(request: Request) -> dict[str, object]:
 
 async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, object]:
     meta = await _ctx(request).engine.model_metadata(name, version)
-    return protocol.model_metadata(meta.name, meta.versions, meta.platform, meta) | {"version": meta.version}
+    return protocol.model_metadata(meta.name, meta.versions, meta.platform, meta.inputs, meta.outputs) | {
+        "version": meta.version
+    }
 
 
 async def model_config(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
