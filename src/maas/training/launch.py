@@ -130,7 +130,7 @@ def train(
         monitor_interval=0.1,
     )
     try:
-        with _threads_per_worker(nproc_per_node):
+        with _threads_per_worker(nproc_per_node), _fresh_store_per_round():
             results = elastic_launch(launch_config, worker.main)(
                 cfg.to_json(), run.id, str(run_dir), str(registry.home), progress
             )
@@ -173,6 +173,26 @@ def _threads_per_worker(nproc_per_node: int) -> Iterator[None]:
         yield
     finally:
         os.environ.pop("OMP_NUM_THREADS", None)
+
+
+@contextlib.contextmanager
+def _fresh_store_per_round() -> Iterator[None]:
+    """Workers meet in a store of their rendezvous round, never in one a dead worker wrote to.
+
+    By default the agents share one store across rounds, and workers scope keys by TORCHELASTIC_RESTART_COUNT,
+    which differs between nodes: an agent restarts its healthy workers for another node's failure without
+    counting a restart. Its rank could then read the address a dead peer published ("Gloo connectFullMesh
+    failed ... Connection refused"). With sharing off, each round's rank 0 hosts a new store.
+    """
+    key, before = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE")
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def _failure(exc: Any) -> str:

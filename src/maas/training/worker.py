@@ -28,10 +28,13 @@ def _device(cfg: TrainConfig, local_rank: int) -> torch.device:
 
 
 def _attempt_store(rank: int, world: int) -> Store:
-    """The rendezvous store, with keys scoped to this restart attempt.
+    """The store this attempt's process group meets in, with no key left from an earlier attempt.
 
-    The elastic agent keeps one store across restarts, and torch's env:// init does not scope keys by
-    attempt: a restarted rank could read the address a dead peer published and fail to connect.
+    ``maas train`` has the agents start a fresh store for every rendezvous round (see
+    :func:`maas.training.launch.train`): rank 0 hosts it on the port its agent picked for the round. Under an
+    agent that shares one store across rounds (torchrun's default), keys are scoped by the restart count; that
+    count is only the same on every node when all of them restarted for a failure, so a node restarted for a
+    membership change could read an address a dead peer published: ``maas train`` does not launch that way.
     """
     from datetime import timedelta
 
@@ -43,6 +46,8 @@ def _attempt_store(rank: int, world: int) -> Store:
         is_master=not agent_store and rank == 0,
         timeout=timedelta(minutes=10),
     )
+    if not agent_store:
+        return store
     return PrefixStore(f"/maas/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
