@@ -143,6 +143,24 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "Compute threads of one model run (ONNX Runtime intra-op threads; torch's per process); 0: the runtime's "
         "default, or the CPU count divided by the workers under `--workers N`. A deployment's `threads` wins.",
     ),
+    "MAAS_LLM_THREADS": (
+        _num("MAAS_LLM_THREADS", 1, int),
+        "Compute threads of a language model's generation steps (torch's, per process). 1 by default: on 2 busy "
+        "cores two threads measured 5-8x slower per token than one.",
+    ),
+    "MAAS_LLM_MAX_BATCH": (
+        _num("MAAS_LLM_MAX_BATCH", 16, int),
+        "Sequences a language model decodes together (continuous batching); more wait in its queue.",
+    ),
+    "MAAS_LLM_MAX_QUEUE": (
+        _num("MAAS_LLM_MAX_QUEUE", 64, int),
+        "Generation requests that may wait per language model; beyond it, 429 with Retry-After.",
+    ),
+    "MAAS_LLM_KV_CACHE_MB": (
+        _num("MAAS_LLM_KV_CACHE_MB", 1024, int),
+        "KV-cache memory per language model; a request waits until its prompt fits (one runs regardless when "
+        "nothing else does).",
+    ),
     "MAAS_DEVICE": (
         _str("MAAS_DEVICE", "cpu"),
         "Where runtimes execute: cpu, cuda (used when a CUDA provider is available) or auto.",

@@ -13,6 +13,7 @@ from maas.registry import Registry
 from maas.serving import memory
 from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine
+from maas.serving.llm.engines import Generators
 from maas.serving.manager import ModelManager
 from maas.serving.metrics import ServerMetrics
 from maas.serving.settings import ServerSettings
@@ -31,6 +32,8 @@ class ServingContext:
     manager: ModelManager
     executor: ThreadPoolExecutor
     engine: Engine
+    #: Language models' generation engines, one per loaded version (continuous batching).
+    generators: Generators
     #: Request bytes in flight, REST and gRPC together (MAAS_MAX_INFLIGHT_BYTES).
     inflight: InflightBytes = field(default_factory=lambda: InflightBytes(0))
     grpc_server: Any = None
@@ -49,7 +52,9 @@ class ServingContext:
         )
         executor = ThreadPoolExecutor(max_workers=settings.infer_threads, thread_name_prefix="maas-infer")
         engine = Engine(manager, metrics, executor, settings)
-        return cls(settings, registry, metrics, manager, executor, engine, InflightBytes(settings.max_inflight_bytes))
+        generators = Generators(settings, metrics, manager)
+        inflight = InflightBytes(settings.max_inflight_bytes)
+        return cls(settings, registry, metrics, manager, executor, engine, generators, inflight)
 
     async def start(self) -> None:
         """Start following the registry (models load in the background) and the gRPC endpoint, if configured."""
@@ -77,12 +82,14 @@ class ServingContext:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             self.engine.sweep()
+            self.generators.sweep()
 
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2)
+        await self.generators.close()
         await self.engine.close()
         self.manager.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -30,6 +30,7 @@ UNKNOWN = "_unknown_"
 # The *_created series double the output for no use here.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
@@ -106,6 +107,7 @@ class ServerMetrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+        self.llm = LLMMetrics(self.registry)
         # What /metrics shows: this registry, or the files of all worker processes.
         self.exposed = self.registry
         if multiprocess_mode():
@@ -120,3 +122,88 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.exposed)
+
+
+class LLMMetrics:
+    """Language models: tokens, time to first token, time between tokens, finished, running and waiting requests."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["model", "version"]
+        self.tokens = Counter(
+            "maas_llm_tokens",
+            "Tokens processed by language models: kind=prompt (prefilled) or completion (generated), counted as "
+            "they happen, abandoned streams included.",
+            [*labels, "kind"],
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "maas_llm_time_to_first_token_seconds",
+            "From a generation request's arrival at the engine to its first token.",
+            labels,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inter_token = Histogram(
+            "maas_llm_inter_token_seconds",
+            "Between two tokens of one generation.",
+            labels,
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.finished = Counter(
+            "maas_llm_requests",
+            "Finished generations by reason: stop, length, cancelled (the client left or a stop string matched), "
+            "error.",
+            [*labels, "reason"],
+            registry=registry,
+        )
+        self.running = Gauge(
+            "maas_llm_running",
+            "Sequences in the running batch.",
+            labels,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+        self.queued = Gauge(
+            "maas_llm_queued",
+            "Generation requests waiting to join the batch.",
+            labels,
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
+
+    def observer(self, model: str, version: str) -> LLMObserver:
+        return LLMObserver(self, model, version)
+
+
+class LLMObserver:
+    """One model version's view of :class:`LLMMetrics`, as the generation engine reports to it."""
+
+    def __init__(self, metrics: LLMMetrics, model: str, version: str) -> None:
+        self._prompt = metrics.tokens.labels(model, version, "prompt")
+        self._completion = metrics.tokens.labels(model, version, "completion")
+        self._first = metrics.first_token.labels(model, version)
+        self._inter = metrics.inter_token.labels(model, version)
+        self._finished = metrics.finished
+        self._labels = (model, version)
+        self._running = metrics.running.labels(model, version)
+        self._queued = metrics.queued.labels(model, version)
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        if prompt:
+            self._prompt.inc(prompt)
+        if completion:
+            self._completion.inc(completion)
+
+    def first_token(self, seconds: float) -> None:
+        self._first.observe(seconds)
+
+    def inter_token(self, seconds: float) -> None:
+        self._inter.observe(seconds)
+
+    def finished(self, reason: str) -> None:
+        self._finished.labels(*self._labels, reason).inc()
+
+    def load(self, running: int, queued: int) -> None:
+        self._running.set(running)
+        self._queued.set(queued)

@@ -35,6 +35,11 @@ class ServerSettings(BaseModel):
     body_timeout_s: float = Field(60.0, gt=0)
     keepalive_timeout_s: float = Field(5.0, gt=0)
     write_timeout_s: float = Field(30.0, gt=0)
+    #: Language models (continuous batching): compute threads, sequences per batch, queue, KV-cache memory.
+    llm_threads: int = Field(1, ge=1)
+    llm_max_batch: int = Field(16, ge=1, le=256)
+    llm_max_queue: int = Field(64, ge=0)
+    llm_kv_cache_mb: int = Field(1024, ge=1)
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerSettings:
@@ -56,6 +61,10 @@ class ServerSettings(BaseModel):
             "body_timeout_s": envs.MAAS_BODY_TIMEOUT_S,
             "keepalive_timeout_s": envs.MAAS_KEEPALIVE_TIMEOUT_S,
             "write_timeout_s": envs.MAAS_WRITE_TIMEOUT_S,
+            "llm_threads": envs.MAAS_LLM_THREADS,
+            "llm_max_batch": envs.MAAS_LLM_MAX_BATCH,
+            "llm_max_queue": envs.MAAS_LLM_MAX_QUEUE,
+            "llm_kv_cache_mb": envs.MAAS_LLM_KV_CACHE_MB,
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls.model_validate(values)
