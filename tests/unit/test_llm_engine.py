@@ -4,6 +4,7 @@ model: batched greedy equals one-at-a-time greedy exactly, seeds reproduce, canc
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import weakref
 from typing import Any
@@ -88,7 +89,9 @@ def test_refuses_other_architectures() -> None:
         LMConfig.from_hf({**HF_CONFIG, "model_type": "gpt2"})
 
 
-def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM, dtype: torch.dtype) -> None:
+    model = copy.deepcopy(model).to(dtype)
     seqs = prompts(6)
     alone = []
     for s in seqs:
@@ -108,7 +111,7 @@ def test_batched_greedy_equals_sequential_greedy(model: DecoderLM) -> None:
     want = [model.greedy(list(s), 16) for s in seqs]
 
     async def run() -> list[list[int]]:
-        engine = BatchingEngine(model, 97, kv_bytes_per_token=model.cfg.kv_bytes_per_token)
+        engine = BatchingEngine(model, 97, kv_bytes_per_token=model.kv_bytes_per_token)
         try:
             results = await asyncio.gather(*(collect(engine, s, greedy(16)) for s in seqs))
             alone, _ = await collect(engine, seqs[3], greedy(16))

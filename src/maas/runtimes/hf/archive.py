@@ -121,13 +121,14 @@ def _info(name: str, size: int) -> zipfile.ZipInfo:
     return info
 
 
-def pack(directory: Path, dest: Path) -> Path:
+def pack(directory: Path, dest: Path, *, format: str = "hf_transformers") -> Path:
     """Write ``directory`` to ``dest`` as one deterministic, uncompressed zip (see the module docstring).
 
-    The caller checks that the directory is a valid model first. Returns ``dest``.
+    The caller checks that the directory is a valid model first. ``format``: the format the marker names (another
+    format that stores Hugging Face directories, such as ``causal_lm``, packs them here too). Returns ``dest``.
     """
     members = member_files(directory)
-    marker = json.dumps({"format": "hf_transformers", "version": 1}, sort_keys=True).encode()
+    marker = json.dumps({"format": format, "version": 1}, sort_keys=True).encode()
     entries: list[tuple[str, Path | bytes]] = sorted([*members, (MARKER, marker)], key=lambda e: e[0])
     with zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, source in entries:

@@ -51,7 +51,7 @@ class Generators:
             model,
             int(model.cfg.vocab_size),
             limits=self.limits,
-            kv_bytes_per_token=int(model.cfg.kv_bytes_per_token),
+            kv_bytes_per_token=int(model.kv_bytes_per_token),
             observer=self._metrics.llm.observer(loaded.name, str(loaded.version)),
             name=f"{loaded.name}-{loaded.version}",
         )
