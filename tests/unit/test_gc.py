@@ -41,7 +41,19 @@ def plant_debris(registry: Registry) -> dict[str, str]:
         os.utime(p, (long_ago, long_ago))
     (cache / f"{'c' * 64}-123").mkdir()
     (cache / f"{'c' * 64}-123" / "maas-hf.json").write_text("{}")
+    converted = registry.home / "cache" / "causal_lm"  # GGUF conversions
+    (converted / ("d" * 64)).mkdir(parents=True)
+    (converted / ("d" * 64) / "model.safetensors").write_bytes(b"w" * 40)
+    (converted / f".{'d' * 64}.lock").write_bytes(b"")
+    (converted / ".discard-x").mkdir()
+    dead = converted / ".convert-dead"
+    dead.mkdir()
+    os.utime(dead, (long_ago, long_ago))
     return {
+        f"cache/causal_lm/{'d' * 64}": "cache",
+        f"cache/causal_lm/.{'d' * 64}.lock": "cache",
+        "cache/causal_lm/.discard-x": "cache",
+        "cache/causal_lm/.convert-dead": "extraction",
         f"artifacts/sha256/{hexdigest[:2]}/{hexdigest}": "artifact",
         "artifacts/tmp/upload-dead": "upload",
         "artifacts/tmp/scratch-dead": "scratch",
@@ -56,6 +68,10 @@ def test_verify_reports_debris_and_gc_removes_only_it(registry: Registry, lin: P
     used_cache.mkdir(parents=True)
     young = registry.home / "cache" / "hf" / ".extract-young"  # may be a load in progress
     young.mkdir()
+    used_conversion = registry.home / "cache" / "causal_lm" / mv.artifact_digest.partition(":")[2]
+    used_conversion.mkdir(parents=True)
+    converting = registry.home / "cache" / "causal_lm" / ".convert-young"
+    converting.mkdir()
     planted = plant_debris(registry)
 
     report = registry.verify()
@@ -71,11 +87,11 @@ def test_verify_reports_debris_and_gc_removes_only_it(registry: Registry, lin: P
 
     result = registry.gc()
     assert kinds(result.removed) == planted and result.bytes_freed == report.debris_bytes
-    assert result.in_use == 1  # the young extraction
+    assert result.in_use == 2  # the young extraction and conversion
     assert registry.verify().debris == ()
     for path in planted:
         assert not (registry.home / path).exists(), path
-    assert young.is_dir() and used_cache.is_dir()
+    assert young.is_dir() and used_cache.is_dir() and used_conversion.is_dir() and converting.is_dir()
     assert registry.artifact_path(registry.get_version("m", 1)).is_file()
     assert registry.gc().removed == ()
 

@@ -42,7 +42,7 @@ def _sig(mv: ModelVersion) -> str:
 
 @app.command("register")
 def register(
-    path: Path = typer.Argument(..., help="The model file (.onnx or .pt2) or a Hugging Face model directory."),
+    path: Path = typer.Argument(..., help="The model file (.onnx, .pt2 or .gguf) or a Hugging Face model directory."),
     name: str = typer.Option(..., "--name", "-n", help="Model name: letters, digits, '-', '_', '.'."),
     alias: str | None = typer.Option(None, "--alias", "-a", help="Point this alias at the new version."),
     description: str = typer.Option("", "--description", "-d"),

@@ -5,7 +5,10 @@
 - temporary uploads and scratch folders in the artifact store's ``tmp/`` that no running process holds
   (:mod:`maas.registry.inuse`);
 - Hugging Face extractions (``cache/hf/.extract-*``) untouched for :data:`EXTRACTION_GRACE_S`, and
-  extracted folders (``cache/hf/<hex>-<size>``) of artifacts no version references.
+  extracted folders (``cache/hf/<hex>-<size>``) of artifacts no version references;
+- GGUF conversions (``cache/causal_lm/<hex>``) of artifacts no version references, their lock files, conversions
+  a dead process left (``.convert-*``, untouched for :data:`EXTRACTION_GRACE_S`) and folders set aside
+  (``.discard-*``).
 
 Everything is decided and removed under the artifact store's exclusive guard. A registration holds the
 guard (shared) from storing its artifact until its version row is committed, and creates and locks its
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 EXTRACTION_GRACE_S = 3600.0
 #: How ``maas.runtimes.hf.archive`` names a registry artifact's extraction: ``<sha256 hex>-<size>``.
 _CACHE_NAME = re.compile(r"([0-9a-f]{64})-[0-9]+")
+#: How ``maas.runtimes.causal_lm.gguf_cache`` names a GGUF's conversion (and its lock file): the GGUF's sha256 hex.
+_CONVERTED_NAME = re.compile(r"\.?([0-9a-f]{64})(?:\.lock)?")
 #: A cache folder renamed for removal; only a collector (holding the exclusive guard) makes these.
 _DOOMED = ".gc-"
 
@@ -101,6 +106,21 @@ def _scan(store: MetadataStore, artifacts: ArtifactStore, home: Path) -> tuple[l
                     found.append(_Found(debris, functools.partial(inuse.remove_unless_held, entry)))
             elif (m := _CACHE_NAME.fullmatch(entry.name)) and f"sha256:{m[1]}" not in referenced:
                 found.append(_Found(_debris("cache", entry, home, now), functools.partial(_remove_cache, entry)))
+    converted = home / "cache" / "causal_lm"
+    if converted.is_dir():
+        for entry in sorted(converted.iterdir()):
+            name = entry.name
+            if name.startswith((_DOOMED, ".discard-")):
+                found.append(_Found(_debris("cache", entry, home, now), functools.partial(_rmtree, entry)))
+            elif name.startswith(".convert-"):
+                debris = _debris("extraction", entry, home, now)
+                if debris.age_s < EXTRACTION_GRACE_S:
+                    in_use += 1
+                else:
+                    found.append(_Found(debris, functools.partial(_rmtree, entry)))
+            elif (m := _CONVERTED_NAME.fullmatch(name)) and f"sha256:{m[1]}" not in referenced:
+                remove = _rmtree if name.startswith(".") else _remove_cache
+                found.append(_Found(_debris("cache", entry, home, now), functools.partial(remove, entry)))
     return found, in_use
 
 

@@ -113,12 +113,12 @@ class Registry(DeploymentMethods, DeprecatedRunMethods):
         path = Path(path)
         if not path.exists():
             raise InvalidInput(
-                f"{path} does not exist; give the path of a model file (.onnx or .pt2) or of a Hugging Face "
+                f"{path} does not exist; give the path of a model file (.onnx, .pt2 or .gguf) or of a Hugging Face "
                 "model directory"
             )
         if not path.is_file() and not path.is_dir():
             raise InvalidInput(
-                f"{path} is neither a file nor a directory; give a model file (.onnx or .pt2) or a Hugging Face "
+                f"{path} is neither a file nor a directory; give a model file (.onnx, .pt2 or .gguf) or a Hugging Face "
                 "model directory"
             )
         fmt = format or runtimes.detect_format(path)
