@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 from maas import __version__
 from maas.registry import Registry
 from maas.serving import errors
+from maas.serving.api.openai.router import build_router as build_openai_router
 from maas.serving.api.v2.infer import FastInfer
 from maas.serving.api.v2.router import build_router
 from maas.serving.context import ServingContext
@@ -55,6 +56,8 @@ class MaasApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if errors.is_openai(scope["path"]):
+                send = errors.openai_errors(send)  # the guard's own error answers, in OpenAI's shape
             await self._front(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
@@ -65,6 +68,7 @@ def create_app(settings: ServerSettings | None = None, registry: Registry | None
     ctx = ServingContext.build(settings or ServerSettings.from_env(), registry)
     app = MaasApp(ctx, title="maas", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.include_router(build_router())
+    app.include_router(build_openai_router())
     app.add_api_route("/metrics", prometheus, methods=["GET"], include_in_schema=False)
     errors.install(app)
     return app

@@ -199,6 +199,7 @@ class BatchingEngine:
             with self._cond:
                 self._drop_cancelled()
                 while not self._closed and not self._running and not self._waiting:
+                    self._report()  # idle: the gauges say so
                     self._cond.wait()
                     self._drop_cancelled()
                 if self._closed:

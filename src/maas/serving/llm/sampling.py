@@ -51,6 +51,8 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches ``top_p`` (at least one)."""
     sorted_probs, order = torch.sort(probs, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass of the more likely tokens
-    sorted_probs[before >= top_p] = 0.0
+    drop = before >= top_p
+    drop[0] = False  # the most likely token always stays (top_p 0 is greedy)
+    sorted_probs[drop] = 0.0
     kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return kept / kept.sum()
