@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,27 @@ def smollm_dir(smollm_gguf: Path, request: pytest.FixtureRequest, tmp_path_facto
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     root = cache.mkdir("maas-causal-lm") if cache is not None else tmp_path_factory.mktemp("maas-causal-lm")
     return converted_dir(smollm_gguf, root=Path(root))
+
+
+@pytest.fixture(scope="session")
+def seed_smollm(smollm_dir: Path) -> Callable[[Path], None]:
+    """``seed(home)`` gives a ``MAAS_HOME`` the converted SmolLM2 (hard links where the filesystem allows, else a
+    copy) under the name its cache uses, so a server there loads the GGUF in seconds instead of converting it again.
+    Call it before the server starts; the server still checks the copy against its manifest."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    def seed(home: Path) -> None:
+        target = home / "cache" / "causal_lm" / smollm_dir.name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(smollm_dir, target, copy_function=link_or_copy)
+
+    return seed
 
 
 def _tiny_tokenizer() -> Any:

