@@ -83,8 +83,13 @@ class RequestGuard:
         started = False
 
         async def send_tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, held
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                # The answer is ready to go: the body was read and used. A response that takes long to deliver (a
+                # stream, or a client reading slowly) must not keep the body's bytes counted.
+                self.inflight.give(held)
+                held = 0
             await send_with_id(message)
 
         try:

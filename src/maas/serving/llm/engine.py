@@ -17,20 +17,28 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from maas.errors import InvalidInput, MaasError, RateLimited, Unavailable
-from maas.serving.llm.sampling import Sampler
-from maas.serving.llm.types import FinishReason, GenerationRequest, TokenEvent, Usage
+from maas.serving.llm.sequence import Sequence
+from maas.serving.llm.types import FinishReason, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
 #: Prompt tokens prefilled per step.
 PREFILL_CHUNK = 256
+#: Tokens of KV cache a sequence gets beyond its prompt when it joins (it grows as it goes).
+FIRST_STRETCH = 128
+#: How much a cache grows when it is full (the decoder's CACHE_CHUNK), for the KV budget.
+CACHE_GROWTH = 128
+#: Events a reader may leave unread before its sequence pauses (backpressure).
+MAX_UNREAD = 64
+#: How often the engine looks again when every sequence waits for its reader.
+IDLE_POLL_S = 0.01
 
 
 class Model(Protocol):
@@ -51,6 +59,8 @@ class EngineLimits:
     max_queue: int = 64
     kv_cache_bytes: int = 1 << 30
     threads: int = 1
+    #: A sequence whose reader takes nothing for this long is cancelled (MAAS_WRITE_TIMEOUT_S).
+    stall_timeout_s: float = 30.0
 
 
 class Observer(Protocol):
@@ -65,54 +75,6 @@ class Observer(Protocol):
     def finished(self, reason: str) -> None: ...
 
     def load(self, running: int, queued: int) -> None: ...
-
-
-class _Sequence:
-    """One request inside the engine, and the handle its caller holds (a :class:`~.types.Generation`)."""
-
-    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop, vocab: int, wake: Any) -> None:
-        self.request = request
-        self.prompt = list(request.prompt_ids)
-        self.sampler = Sampler(request.params, vocab)
-        self.usage = Usage()
-        self.cache: Any = None
-        self.prefilled = 0
-        self.last_token = -1
-        self.produced = 0
-        self.submitted = time.perf_counter()
-        self.last_at = 0.0
-        self.cancelled = False
-        self.done = False
-        self._loop = loop
-        self._events: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
-        self._wake = wake
-
-    # --- the caller's side (event loop) --------------------------------------------------------------------------
-    def __aiter__(self) -> AsyncIterator[TokenEvent]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            item = await self._events.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
-
-    def cancel(self) -> None:
-        """Leave the batch at the next step boundary; the cache goes with it. Iterating ends at once."""
-        if not self.cancelled and not self.done:
-            self.cancelled = True
-            self._events.put_nowait(TokenEvent(None, finish_reason="cancelled"))
-            self._wake()
-
-    # --- the engine's side (its thread) ---------------------------------------------------------------------------
-    def emit(self, item: TokenEvent | BaseException) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
 
 
 class BatchingEngine:
@@ -135,8 +97,8 @@ class BatchingEngine:
         self._kv_per_token = kv_bytes_per_token
         self._observer = observer
         self._cond = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # prefilling first, then decoding, in arrival order
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []  # prefilling first, then decoding, in arrival order
         self._closed = False
         self.steps = 0
         self._thread = threading.Thread(target=self._main, name=f"maas-llm-{name}", daemon=True)
@@ -151,7 +113,12 @@ class BatchingEngine:
     def queued(self) -> int:
         return len(self._waiting)
 
-    def submit(self, request: GenerationRequest) -> _Sequence:
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it stops only when closed; anything else is a bug, logged)."""
+        return self._thread.is_alive() and not self._closed
+
+    def submit(self, request: GenerationRequest) -> Sequence:
         n, max_tokens = len(request.prompt_ids), request.params.max_tokens
         if n == 0:
             raise InvalidInput("the prompt is empty; give at least one token")
@@ -164,7 +131,7 @@ class BatchingEngine:
             )
         if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
             raise InvalidInput(f"prompt token ids must lie in 0..{self.vocab_size - 1}")
-        seq = _Sequence(request, asyncio.get_running_loop(), self.vocab_size, self._notify)
+        seq = Sequence(request, asyncio.get_running_loop(), self.vocab_size, self._notify)
         with self._cond:
             if self._closed:
                 raise Unavailable("the model is being unloaded; retry shortly")
@@ -204,10 +171,12 @@ class BatchingEngine:
                     self._drop_cancelled()
                 if self._closed:
                     break
+            try:
                 self._admit()
                 self._report()
-            try:
-                self._step()
+                if not self._step():
+                    with self._cond:  # every sequence waits for its reader (or memory): look again shortly
+                        self._cond.wait(IDLE_POLL_S)
             except Exception as exc:  # a bug or an out-of-memory: fail the batch, keep serving
                 log.exception("generation step failed; %d sequences end with an error", len(self._running))
                 error = Unavailable(f"generation failed ({type(exc).__name__}); retry")
@@ -232,46 +201,126 @@ class BatchingEngine:
         if any(s.cancelled for s in self._waiting):
             self._waiting = deque(s for s in self._waiting if not s.cancelled)
 
+    def _kv_used(self) -> int:
+        return sum(s.cache.nbytes for s in self._running if s.cache is not None)
+
     def _admit(self) -> None:
-        used = sum(s.cache.nbytes for s in self._running if s.cache is not None)
-        while self._waiting and len(self._running) < self.limits.max_running:
-            seq = self._waiting[0]
-            need = (len(seq.prompt) + min(seq.request.params.max_tokens, 128)) * self._kv_per_token
-            if self._running and used + need > self.limits.kv_cache_bytes:
-                break
-            self._waiting.popleft()
-            seq.cache = self.model.new_cache(len(seq.prompt) + min(seq.request.params.max_tokens, 128))
-            used += seq.cache.nbytes
+        """Move waiting sequences into the batch while there is room: a slot, and KV memory for the prompt and a
+        first stretch of tokens (a sequence runs whatever its size when nothing else does)."""
+        used = self._kv_used()
+        while len(self._running) < self.limits.max_running:
+            with self._cond:
+                if not self._waiting:
+                    return
+                seq = self._waiting[0]  # only this thread takes from the queue
+            remaining = seq.request.params.max_tokens - seq.produced
+            try:
+                cache = self.model.new_cache(len(seq.feed) + min(remaining, FIRST_STRETCH))
+            except Exception as exc:  # e.g. out of memory for a long prompt: this request fails, not the engine
+                log.warning("no KV cache for a %d-token prompt: %s", len(seq.feed), exc)
+                with self._cond:
+                    self._waiting.popleft()
+                self._finish(
+                    seq,
+                    Unavailable(
+                        f"the KV cache for a {len(seq.feed):,}-token prompt could not be allocated "
+                        f"({type(exc).__name__}); retry later or shorten the prompt"
+                    ),
+                )
+                continue
+            if self._running and used + cache.nbytes > self.limits.kv_cache_bytes:
+                return  # waits for memory (MAAS_LLM_KV_CACHE_MB)
+            with self._cond:
+                self._waiting.popleft()
+            seq.cache = cache
+            used += cache.nbytes
             self._running.append(seq)
 
-    def _step(self) -> None:
-        prefilling = next((s for s in self._running if s.prefilled < len(s.prompt)), None)
+    def _step(self) -> bool:
+        """One chunk of one prompt, then one token for every running sequence whose reader keeps up. False when
+        there was nothing to do."""
+        did = False
+        prefilling = next((s for s in self._running if s.prefilling), None)
         if prefilling is not None:
             self._prefill_chunk(prefilling)
-        decoding = [s for s in self._running if s.prefilled == len(s.prompt) and s.produced > 0 and not s.done]
+            did = True
+        decoding = self._decodable()
         if decoding:
             logits = self.model.decode([s.last_token for s in decoding], [s.cache for s in decoding])
             self.steps += 1
             for row, seq in enumerate(decoding):
                 self._take(seq, logits[row])
+            did = True
         with self._cond:
             self._running = [s for s in self._running if not s.done]
+        return did
 
-    def _prefill_chunk(self, seq: _Sequence) -> None:
+    def _decodable(self) -> list[Sequence]:
+        """The sequences to decode this step: prefilled, not waiting for their reader (one whose reader has taken
+        nothing for ``stall_timeout_s`` is cancelled), and within the KV budget (the latest admitted are preempted
+        until the rest fit: their caches are freed and they wait to be prefilled again, prompt and tokens so far)."""
+        now = time.monotonic()
+        ready = []
+        for seq in self._running:
+            if seq.done or seq.cancelled or seq.prefilling or not seq.generated:
+                continue
+            if seq.emitted - seq.consumed > MAX_UNREAD:
+                seq.stalled_since = seq.stalled_since or now
+                if now - seq.stalled_since > self.limits.stall_timeout_s:
+                    log.info("a generation's reader took nothing for %.0f s; cancelling it", now - seq.stalled_since)
+                    seq.cancelled = True
+                    self._finish(seq, TokenEvent(None, finish_reason="cancelled"))
+                continue
+            seq.stalled_since = None
+            ready.append(seq)
+        if not self._kv_per_token:
+            return ready
+        used = self._kv_used()
+
+        def growth() -> int:
+            return sum(CACHE_GROWTH * self._kv_per_token for s in ready if s.cache.length + 1 > s.cache.capacity)
+
+        while len(ready) > 1 and used + growth() > self.limits.kv_cache_bytes:
+            victim = ready.pop()
+            used -= victim.cache.nbytes
+            self._preempt(victim)
+        return ready
+
+    def _preempt(self, seq: Sequence) -> None:
+        seq.cache = None
+        seq.feed = [*seq.prompt, *seq.generated]
+        seq.prefilled = 0
+        with self._cond:
+            self._running.remove(seq)
+            self._waiting.appendleft(seq)
+        log.info("KV cache budget reached: a sequence of %d tokens waits to resume", len(seq.feed))
+
+    def _prefill_chunk(self, seq: Sequence) -> None:
         start = seq.prefilled
-        chunk = seq.prompt[start : start + PREFILL_CHUNK]
-        logits = self.model.prefill(chunk, seq.cache)
+        chunk = seq.feed[start : start + PREFILL_CHUNK]
+        try:
+            logits = self.model.prefill(chunk, seq.cache)
+        except Exception as exc:  # this prompt's failure is its own
+            log.warning("prefill failed: %s", exc)
+            self._finish(seq, Unavailable(f"the prompt could not be processed ({type(exc).__name__}); retry"))
+            return
         seq.prefilled += len(chunk)
-        if seq.prefilled == len(seq.prompt):
-            seq.usage.prompt_tokens = len(seq.prompt)
-            self._observe("tokens", len(seq.prompt), 0)
+        if not seq.prefilling:
+            if not seq.generated:  # not a sequence resumed after a preemption
+                seq.usage.prompt_tokens = len(seq.prompt)
+                self._observe("tokens", len(seq.prompt), 0)
             self._take(seq, logits[0])
 
-    def _take(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Pick ``seq``'s next token from ``logits`` and hand it over; finish the sequence when it ends."""
         if seq.cancelled:
             return
-        token, logprob, top = seq.sampler.pick(logits)
+        try:
+            token, logprob, top = seq.sampler.pick(logits)
+        except Exception as exc:  # this request's parameters, not its neighbours' problem
+            log.warning("sampling failed: %s", exc)
+            self._finish(seq, Unavailable(f"sampling failed ({type(exc).__name__}); retry"))
+            return
         now = time.perf_counter()
         if seq.produced == 0:
             self._observe("first_token", now - seq.submitted)
@@ -290,10 +339,10 @@ class BatchingEngine:
         if reason is not None:
             self._finish(seq, event)
             return
-        seq.last_token = token
+        seq.generated.append(token)
         seq.emit(event)
 
-    def _finish(self, seq: _Sequence, last: TokenEvent | MaasError) -> None:
+    def _finish(self, seq: Sequence, last: TokenEvent | MaasError) -> None:
         seq.done = True
         seq.cache = None
         seq.emit(last)

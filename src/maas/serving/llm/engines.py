@@ -29,6 +29,7 @@ class Generators:
             max_queue=settings.llm_max_queue,
             kv_cache_bytes=settings.llm_kv_cache_mb << 20,
             threads=settings.llm_threads,
+            stall_timeout_s=settings.write_timeout_s,
         )
         self._metrics = metrics
         self._manager = manager
@@ -38,8 +39,10 @@ class Generators:
         """The engine of ``loaded`` (started now if this is its first request). ``InvalidInput`` when the model is
         not a causal language model."""
         engine = self._engines.get(loaded)
-        if engine is not None:
+        if engine is not None and engine.alive:
             return engine
+        if engine is not None:
+            log.error("the generation engine of %s version %d stopped; starting another", loaded.name, loaded.version)
         runtime = loaded.runtime
         if not is_generative(runtime):
             raise InvalidInput(

@@ -10,6 +10,9 @@ import torch
 
 from maas.serving.llm.types import SamplingParams
 
+#: Temperatures below this are greedy: dividing logits by less overflows to inf and NaN probabilities.
+MIN_TEMPERATURE = 1e-5
+
 
 class Sampler:
     """The sampling state of one sequence: its random generator and the counts of the tokens it produced."""
@@ -28,7 +31,7 @@ class Sampler:
         if self.counts is not None:
             seen = (self.counts > 0).float()
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * seen
-        if p.temperature <= 0.0:
+        if p.temperature < MIN_TEMPERATURE:
             token = int(torch.argmax(logits))
         else:
             probs = torch.softmax(logits / p.temperature, dim=-1)
