@@ -104,6 +104,11 @@ CRAFTED = {
     "absurd key length": (_header(0, 1) + struct.pack("<Q", 2**60) + b"\0" * 64, "claims"),
     "absurd array length": (_header(0, 1) + _key("a", 9) + struct.pack("<IQ", 0, 2**62) + b"\0" * 64, "elements"),
     "absurd string in array": (_header(0, 1) + _key("a", 9) + struct.pack("<IQQ", 8, 1, 2**61) + b"\0" * 8, "needs"),
+    "long metadata array": (_header(0, 1) + _key("a", 9) + struct.pack("<IQ", 0, 5000) + b"\0" * 5000, "at most 4,096"),
+    "alignment not uint32": (
+        _header(0, 1) + _key("general.alignment", 10) + struct.pack("<Q", 32) + b"\0" * 64,
+        "uint32",
+    ),
     "nested arrays": (_header(0, 1) + _key("a", 9) + struct.pack("<IQ", 9, 1) * 5 + b"\0" * 64, "deeper"),
     "unknown value type": (_header(0, 1) + _key("a", 99) + b"\0" * 64, "unknown value type"),
     "duplicate key": (_header(0, 2) + (_key("a", 0) + b"\1") * 2 + b"\0" * 64, "twice"),
@@ -163,8 +168,17 @@ def test_tiny_gguf_header_and_inspect(tiny_gguf: Path) -> None:
         ({"metadata": {"context_length": 0}}, InvalidInput, "context_length is 0"),
         ({"metadata": {"llama.rope.scaling.type": "yarn"}}, UnsupportedFormat, "scaled rotary"),
         ({"metadata": {"tokenizer.ggml.model": "t5"}}, InvalidInput, "no tokenizer"),
-        # The decoder is allocated from the metadata before a weight is read.
-        ({"metadata": {"block_count": 100_000}}, InvalidInput, "describes about"),
+        # The decoder is allocated from the metadata before a weight is read: each dimension must be the tensors'.
+        ({"metadata": {"block_count": 100_000}}, InvalidInput, "describes 100,000 layers"),
+        ({"metadata": {"block_count": 3}}, InvalidInput, "describes 3 layers"),
+        ({"metadata": {"embedding_length": 2**31}}, InvalidInput, "describes token_embd.weight as"),
+        ({"metadata": {"rope.dimension_count": 2**31}}, InvalidInput, "describes blk.0.attn_q.weight as"),
+        ({"metadata": {"attention.key_length": 16}}, InvalidInput, "key_length is 16 but the head size"),
+        ({"metadata": {"feed_forward_length": 2**20}}, InvalidInput, "describes blk.0.ffn_gate.weight as"),
+        ({"metadata": {"attention.head_count_kv": 2}}, InvalidInput, "describes blk.0.attn_k.weight as"),
+        ({"metadata": {"attention.head_count_kv": 3}}, InvalidInput, "cannot share 3 key/value heads"),
+        ({"metadata": {"vocab_size": 2**20}}, InvalidInput, "tokenizer.ggml.tokens holds 300 entries"),
+        ({"metadata": {"context_length": 2**30}}, InvalidInput, "up to 16,777,216"),
     ],
 )
 def test_gguf_refusals(options: dict[str, Any], error: type[MaasError], expected: str, tmp_path: Path) -> None:
@@ -300,6 +314,42 @@ def test_chat_template_renders_like_transformers_helpers() -> None:
 def test_chat_template_sandbox(source: str, expected: str) -> None:
     with pytest.raises(InvalidInput, match=expected):
         ChatTemplate(source).render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 'x' * 10**10 }}",
+        "{{ 2 ** 100000 }}",
+        "{% set ns = namespace(n=2) %}{% for i in range(100) %}{% set ns.n = ns.n * ns.n %}{% endfor %}",
+        "{{ 'x'.ljust(10**10) }}",
+        "{{ 'x'|center(10000000000) }}",  # folded as it compiles: refused there too
+        "{{ ('a' * 1000).replace('', 'b' * 1000) }}",
+        "{{ '%999999999d' % 1 }}",
+        "{{ '{:>{w}}'.format(1, w=999999999) }}",
+        "{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+        "{% set ns = namespace(s=[1]) %}{% for i in range(64) %}{% set ns.s = [ns.s, ns.s] %}{% endfor %}{{ ns.s }}",
+        "{% set l = ['x' * 60000] * 60000 %}{{ l|join }}",
+        "{% for i in range(100000) %}{% for j in range(100000) if j < 0 %}{% endfor %}{% endfor %}",
+        "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(40) }}",
+        "{% set x %}{% for i in range(100000) %}{{ 'y' * 60000 }}{% endfor %}{% endset %}",
+        "{{ [1]|batch(10**9, 'a')|list }}",
+        "{{ lipsum(10**6) }}",
+        "{{ messages|tojson(indent=10**9) }}",
+    ],
+)
+def test_chat_template_render_is_bounded(source: str) -> None:
+    with pytest.raises(InvalidInput, match=r"refused|failed"):
+        ChatTemplate(source).render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+
+
+def test_chat_template_bounds_grow_with_the_input() -> None:
+    long = [{"role": "user", "content": "y" * 300_000}]
+    assert len(ChatTemplate(CHATML).render(long, add_generation_prompt=True)) > 300_000
+    assert len(ChatTemplate("{{ messages[0].content * 3 }}").render(long, add_generation_prompt=True)) == 900_000
+    with pytest.raises(InvalidInput, match="at most"):
+        ChatTemplate("{{ messages[0].content * 5 }}").render(long, add_generation_prompt=True)
 
 
 def test_chat_template_that_does_not_compile() -> None:
@@ -451,8 +501,21 @@ def _flip_byte(path: Path, at: int) -> None:
         lambda d: (d / gguf_cache.MANIFEST).unlink(),
         lambda d: (d / gguf_cache.MANIFEST).write_text("[]"),
         lambda d: edit_json(d / gguf_cache.MANIFEST, version=0),
+        lambda d: (d / "chat_template.jinja").write_text("{{ 'planted' }}"),  # the loader would prefer it
+        lambda d: shutil.copyfile(d / "model.safetensors", d / "more.safetensors"),  # and read these too
+        lambda d: (d / "sub").mkdir(),
     ],
-    ids=["weights", "weights header", "tokenizer", "manifest gone", "manifest junk", "manifest version"],
+    ids=[
+        "weights",
+        "weights header",
+        "tokenizer",
+        "manifest gone",
+        "manifest junk",
+        "manifest version",
+        "planted template",
+        "planted weights",
+        "planted folder",
+    ],
 )
 def test_damaged_cache_is_converted_again(
     spoil: Any, tiny_gguf: Path, fake_conversion: list[Path], home: Path, caplog: pytest.LogCaptureFixture

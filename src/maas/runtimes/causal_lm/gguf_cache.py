@@ -8,8 +8,8 @@ decoder ties it again), the tokenizer's files with the chat template, ``generati
 
 The cache is derived data: it is written into a temporary folder beside it and renamed into place (a crash never
 leaves half of one visible), one process converts while others wait for it (two converting at once would both
-succeed, the second rename losing), and every load checks it against its manifest, and its weights with the
-safetensors checker, converting again when anything differs.
+succeed, the second rename losing), and every load checks it against its manifest (no file more, none
+changed) and its weights with the safetensors checker, converting again when anything differs.
 """
 
 from __future__ import annotations
@@ -68,8 +68,9 @@ def _sha256(path: Path) -> str:
 
 
 def damage(directory: Path) -> str | None:
-    """What is wrong with a cached conversion (None: nothing): a missing manifest, or a file that is missing, has
-    another size or digest than the manifest records, or weights the safetensors checker refuses."""
+    """What is wrong with a cached conversion (None: nothing): a missing manifest, a file it does not list, or one
+    that is missing, has another size or digest than the manifest records, or weights the safetensors checker
+    refuses."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("version") != MANIFEST_VERSION:
@@ -77,6 +78,11 @@ def damage(directory: Path) -> str | None:
         files = manifest["files"]
         if not isinstance(files, dict) or WEIGHTS not in files:
             return f"{MANIFEST} lists no {WEIGHTS}"
+        # The loader reads more than the manifest names (chat_template.jinja, every *.safetensors): nothing else
+        # may be there.
+        extra = sorted(p.name for p in directory.iterdir() if p.name != MANIFEST and p.name not in files)
+        if extra:
+            return f"{extra[0][:80]!r} is not in {MANIFEST}"
         for name, entry in files.items():
             target = directory / name
             if "/" in name or name.startswith(".") or not target.is_file():
@@ -158,7 +164,9 @@ def convert(gguf: Path, out: Path, digest: str) -> None:
     from_gguf(gguf, out)
     read_causal_lm_dir(out)  # refuse here what a load would refuse, before anything is cached
     files = {}
-    for path in sorted(p for p in out.iterdir() if p.is_file()):
+    for path in sorted(out.iterdir()):
+        if not path.is_file() or path.is_symlink():  # damage() would refuse it on every load
+            raise InvalidInput(f"{gguf.name}: the conversion wrote {path.name!r}, which is not a plain file")
         with path.open("rb") as fh:
             os.fsync(fh.fileno())
         files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}

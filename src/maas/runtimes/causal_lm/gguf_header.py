@@ -6,6 +6,11 @@ aligned tensor data. :func:`read_header` walks all of it in bounded steps: a cou
 is refused at once, so a crafted header never makes a reader loop over billions of entries (``gguf``'s own reader
 does, on an array of zero-size elements past the file's end) or allocate beyond the file. It keeps scalars and
 strings, only the length of arrays, and checks that every tensor's data lies within the file, none overlapping.
+
+Arrays are bounded too, whatever the file's size: ``gguf``'s reader (which transformers converts with) builds a
+numpy view per element, about a kilobyte each, so only the tokenizer's arrays (one entry per token or merge) may
+hold up to :data:`MAX_VOCAB` elements; any other at most :data:`MAX_ARRAY`, and all of those together
+:data:`MAX_OTHER_ELEMENTS`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,18 @@ MAX_KEY_BYTES = 65_535
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_DEPTH = 3
 DEFAULT_ALIGNMENT = 32
+#: The arrays that may be long: the tokenizer's, one element per token (merges: per merge).
+TOKENIZER_ARRAYS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+)
+#: Elements of each tokenizer array (the largest real vocabularies have about 262k tokens).
+MAX_VOCAB = 1 << 20
+#: Elements of any other array (nested ones counted), and of all of them together.
+MAX_ARRAY = 4096
+MAX_OTHER_ELEMENTS = 65_536
 
 #: GGUF value type -> struct code of the scalar types.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -111,11 +128,12 @@ class _Reader:
         if kind == _STRING:
             return self.string(what)
         if kind == _ARRAY:
-            self.skip_array(what, 1)
+            self.skip_array(what, 1, MAX_ARRAY)
             return None
         raise self.fail(f"{what} has unknown value type {kind}")
 
-    def skip_array(self, what: str, depth: int) -> int:
+    def skip_array(self, what: str, depth: int, limit: int) -> tuple[int, int]:
+        """Skip an array: its element count, and its elements with those of nested arrays (at most ``limit``)."""
         if depth > MAX_ARRAY_DEPTH:
             raise self.fail(f"{what} nests arrays deeper than {MAX_ARRAY_DEPTH}")
         kind = self.uint("I", f"the element type of {what}")
@@ -127,6 +145,12 @@ class _Reader:
             raise self.fail(f"{what} has unknown element type {kind}")
         if count * least > self.size - self.pos:
             raise self.fail(f"{what} claims {count:,} elements, more than the rest of the file holds")
+        if count > limit:
+            raise InvalidInput(
+                f"{self.shown}: metadata array {what} holds {count:,} elements or more, where maas accepts at most "
+                f"{limit:,} (only the tokenizer's arrays may be long); the file is not a model maas can use"
+            )
+        total = count
         if kind in _SCALARS:
             self.skip(count * least, what)
         elif kind == _STRING:
@@ -134,8 +158,8 @@ class _Reader:
                 self.skip_string(what)
         else:
             for _ in range(count):
-                self.skip_array(what, depth + 1)
-        return count
+                total += self.skip_array(what, depth + 1, limit - total)[1]
+        return count, total
 
 
 def read_header(path: Path) -> GGUFHeader:
@@ -166,14 +190,20 @@ def read_header(path: Path) -> GGUFHeader:
             raise r.fail(f"its header claims {n_tensors:,} tensors and {n_keys:,} metadata keys")
         metadata: dict[str, Scalar] = {}
         arrays: dict[str, int] = {}
+        others = 0  # elements of the arrays that are not the tokenizer's
         for _ in range(n_keys):
             key = r.string("a metadata key", MAX_KEY_BYTES)
             if key in metadata or key in arrays:
                 raise r.fail(f"metadata key {key[:80]!r} appears twice")
             kind = r.uint("I", f"the type of {key[:80]!r}")
             if kind == _ARRAY:
-                arrays[key] = r.skip_array(repr(key[:80]), 1)
+                tokenizer = key in TOKENIZER_ARRAYS
+                limit = MAX_VOCAB if tokenizer else min(MAX_ARRAY, MAX_OTHER_ELEMENTS - others)
+                arrays[key], total = r.skip_array(repr(key[:80]), 1, limit)
+                others += 0 if tokenizer else total
                 continue
+            if key == "general.alignment" and kind != 4:
+                raise r.fail("general.alignment is not a uint32")  # as gguf's reader requires
             value = r.value(kind, repr(key[:80]))
             assert value is not None
             metadata[key] = value
