@@ -4,38 +4,61 @@ the two log-probability objects (chat's ``content`` list; completions' ``tokens`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from maas.serving.api.openai.service import ChatTokenizer, Choice, Job, Piece, TokenRecord
+import orjson
+
+from maas.serving.api.openai.prompt import ChatTokenizer, Tokens
+from maas.serving.api.openai.service import Choice, Job, Piece, TokenRecord
+
+#: Log-probability entries serialised per call when a whole answer is built (:func:`response_body`): one long call
+#: would hold the interpreter's lock, and stall the event loop, for the whole answer.
+ENTRIES_PER_CALL = 512
+
+#: How a list of log-probability items is made: ``list``, or :func:`_serialised` (already JSON, in parts).
+Pack = Callable[[Iterable[Any]], list[Any]]
 
 
-def chat_logprobs(tokenizer: ChatTokenizer, tokens: Sequence[TokenRecord]) -> dict[str, Any]:
+def _chat_entries(tokens: Tokens, records: Iterable[TokenRecord]) -> Iterator[dict[str, Any]]:
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        return {
-            "token": tokenizer.token_text(token_id),
-            "logprob": logprob,
-            "bytes": list(tokenizer.token_bytes(token_id)),
-        }
+        return {"token": tokens.text(token_id), "logprob": logprob, "bytes": tokens.bytes(token_id)}
 
-    content = [entry(t.token_id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in tokens]
-    return {"content": content, "refusal": None}
+    for t in records:
+        yield entry(t.token_id, t.logprob) | {"top_logprobs": [entry(i, lp) for i, lp in t.top]}
 
 
-def completion_logprobs(tokenizer: ChatTokenizer, tokens: Sequence[TokenRecord], length: int) -> dict[str, Any]:
+def chat_logprobs(tokenizer: ChatTokenizer, records: Sequence[TokenRecord]) -> dict[str, Any]:
+    return {"content": list(_chat_entries(Tokens.of(tokenizer), records)), "refusal": None}
+
+
+def completion_logprobs(tokenizer: ChatTokenizer, records: Sequence[TokenRecord], length: int) -> dict[str, Any]:
     """``length``: the choice's text as sent (a token after a stop string starts at its end)."""
-    top = []
-    for t in tokens:
+    return _completion_logprobs(Tokens.of(tokenizer), records, length, list)
+
+
+def _completion_logprobs(tokens: Tokens, records: Sequence[TokenRecord], length: int, pack: Pack) -> dict[str, Any]:
+    def top(t: TokenRecord) -> dict[str, float]:
         # OpenAI: the most likely alternatives and always the sampled token (up to logprobs + 1 entries).
-        alternatives = {tokenizer.token_text(i): lp for i, lp in t.top}
-        alternatives.setdefault(tokenizer.token_text(t.token_id), t.logprob)
-        top.append(alternatives)
+        alternatives = {tokens.text(i): lp for i, lp in t.top}
+        alternatives.setdefault(tokens.text(t.token_id), t.logprob)
+        return alternatives
+
     return {
-        "tokens": [tokenizer.token_text(t.token_id) for t in tokens],
-        "token_logprobs": [t.logprob for t in tokens],
-        "top_logprobs": top,
-        "text_offset": [min(t.offset, length) for t in tokens],
+        "tokens": pack(tokens.text(t.token_id) for t in records),
+        "token_logprobs": pack(t.logprob for t in records),
+        "top_logprobs": pack(top(t) for t in records),
+        "text_offset": pack(min(t.offset, length) for t in records),
     }
+
+
+def _serialised(items: Iterable[Any]) -> list[orjson.Fragment]:
+    """``items`` as a JSON array in parts (each a fragment of up to :data:`ENTRIES_PER_CALL` items)."""
+    parts, it = [], iter(items)
+    while batch := list(itertools.islice(it, ENTRIES_PER_CALL)):
+        parts.append(orjson.Fragment(orjson.dumps(batch)[1:-1]))
+    return parts
 
 
 def _head(job: Job, kind: str) -> dict[str, Any]:
@@ -43,31 +66,19 @@ def _head(job: Job, kind: str) -> dict[str, Any]:
     return {"id": f"{prefix}-{job.id}", "object": kind, "created": job.created, "model": job.model}
 
 
-def chat_response(job: Job, choices: Sequence[Choice]) -> dict[str, Any]:
+def chat_response(job: Job, choices: Sequence[Choice], *, pack: Pack = list) -> dict[str, Any]:
+    """``pack``: how lists of log-probabilities are made (:func:`response_body` serialises them in parts)."""
+    tokens = Tokens.of(job.tokenizer)
     return _head(job, "chat.completion") | {
         "system_fingerprint": None,
         "choices": [
             {
                 "index": c.index,
                 "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": chat_logprobs(job.tokenizer, c.tokens) if job.logprobs is not None else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": job.usage(),
-    }
-
-
-def completion_response(job: Job, choices: Sequence[Choice]) -> dict[str, Any]:
-    return _head(job, "text_completion") | {
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": c.index,
-                "text": c.text,
                 "logprobs": (
-                    completion_logprobs(job.tokenizer, c.tokens, len(c.text)) if job.logprobs is not None else None
+                    {"content": pack(_chat_entries(tokens, c.tokens)), "refusal": None}
+                    if job.logprobs is not None
+                    else None
                 ),
                 "finish_reason": c.finish_reason,
             }
@@ -75,6 +86,33 @@ def completion_response(job: Job, choices: Sequence[Choice]) -> dict[str, Any]:
         ],
         "usage": job.usage(),
     }
+
+
+def completion_response(job: Job, choices: Sequence[Choice], *, pack: Pack = list) -> dict[str, Any]:
+    tokens = Tokens.of(job.tokenizer)
+    return _head(job, "text_completion") | {
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "logprobs": (
+                    _completion_logprobs(tokens, c.tokens, len(c.text), pack) if job.logprobs is not None else None
+                ),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        "usage": job.usage(),
+    }
+
+
+def response_body(job: Job, choices: Sequence[Choice], *, chat: bool) -> bytes:
+    """The whole answer as JSON. With log-probabilities it may be large (up to ~100 MB): call it in a thread; its
+    log-probabilities are serialised a few hundred at a time, so the event loop runs in between."""
+    build = chat_response if chat else completion_response
+    pack: Pack = _serialised if job.logprobs is not None else list
+    return orjson.dumps(build(job, choices, pack=pack))
 
 
 class Chunks:

@@ -22,6 +22,10 @@ from maas.serving.errors import request_id
 Body = TypeVar("Body", bound=protocol.RequestBody)
 T = TypeVar("T")
 
+#: Bodies up to this size are parsed on the event loop; larger ones (a long token-id prompt: millions of ints) in a
+#: thread.
+INLINE_BYTES = 256 * 1024
+
 
 def _ctx(request: Request) -> ServingContext:
     ctx: ServingContext = request.app.state.ctx
@@ -38,7 +42,11 @@ def _directory(request: Request) -> ModelDirectory:
 
 
 def _json(body: Any) -> Response:
-    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+    return _response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY))
+
+
+def _response(body: bytes) -> Response:
+    return Response(body, media_type="application/json")
 
 
 async def _parse(request: Request, cls: type[Body]) -> Body:
@@ -48,13 +56,30 @@ async def _parse(request: Request, cls: type[Body]) -> Body:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding[:40]!r} is not accepted here; send the body as is")
-    body = await request.body()
-    limit = _ctx(request).engine.limits.max_json_bytes
-    if len(body) > limit:
-        raise PayloadTooLarge(
-            f"the request body is {len(body):,} bytes, over the limit of {limit:,} bytes for JSON (MAAS_MAX_JSON_BYTES)"
-        )
-    return protocol.parse(cls, body)
+    body = await _body(request, _ctx(request).engine.limits.max_json_bytes)
+    if len(body) <= INLINE_BYTES:
+        return protocol.parse(cls, body)
+    return await asyncio.to_thread(protocol.parse, cls, body)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The request's body, refused as soon as it is known to be over ``limit`` bytes (by its Content-Length, or
+    once that much has arrived): the rest is never read."""
+
+    def too_large(size: int | None) -> PayloadTooLarge:
+        was = f"is {size:,} bytes, over" if size is not None else "goes over"
+        return PayloadTooLarge(f"the request body {was} the limit of {limit:,} bytes for JSON (MAAS_MAX_JSON_BYTES)")
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared))
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(None)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def list_models(request: Request) -> Response:
@@ -93,7 +118,10 @@ async def _generate(request: Request, req: ChatRequest | CompletionRequest, *, c
         job.cancel()
     if choices is None:
         return Response(status_code=499)  # nobody is there to read it
-    return _json(responses.chat_response(job, choices) if chat else responses.completion_response(job, choices))
+    if job.logprobs is None:
+        return _response(responses.response_body(job, choices, chat=chat))
+    # Log-probabilities make the answer up to ~100 MB (a token's text per alternative): built off the event loop.
+    return _response(await asyncio.to_thread(responses.response_body, job, choices, chat=chat))
 
 
 async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:

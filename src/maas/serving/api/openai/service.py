@@ -13,38 +13,24 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
-from maas.errors import MaasError, Unavailable
+from maas.errors import Unavailable
 from maas.serving.api.openai.models import GENERATIVE, ModelDirectory, require_format, served_at
+from maas.serving.api.openai.prompt import ChatTokenizer, chat_prompt_ids, check_fits
 from maas.serving.api.openai.protocol import BadParam, ChatRequest, CompletionRequest
 from maas.serving.context import ServingContext
-from maas.serving.errors import public_message
 from maas.serving.llm.text import TextStream
 from maas.serving.llm.types import Generation, GenerationEngine, GenerationRequest, SamplingParams, TokenEvent
 from maas.serving.manager import LoadedModel
 
 #: Prompts up to this many characters are rendered and tokenised on the event loop; longer ones in a thread.
 INLINE_CHARS = 16_384
-
-
-class ChatTokenizer(Protocol):
-    """What the API needs of a language model's tokenizer (``loaded.runtime.tokenizer`` of a ``causal_lm`` model)."""
-
-    eos_token_ids: frozenset[int]
-    vocab_size: int
-
-    def encode(self, text: str, *, special: bool = False) -> list[int]: ...
-
-    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str: ...
-
-    def token_text(self, token_id: int) -> str: ...
-
-    def token_bytes(self, token_id: int) -> bytes: ...
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str: ...
+#: The most log-probability entries one request may ask for: n x max_tokens x (alternatives + 1), max_tokens as
+#: clamped to the context. Each costs a decoded token and ~100 bytes of answer.
+MAX_LOGPROB_ENTRIES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -84,6 +70,8 @@ class Job:
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
     generations: list[Generation] = field(default_factory=list)
+    #: Tokens of each choice taken from its generation: up to the stop string, for a choice one ended.
+    produced: list[int] = field(default_factory=list)
 
     @property
     def n(self) -> int:
@@ -95,6 +83,7 @@ class Job:
             for i, params in enumerate(self.params):
                 request = GenerationRequest(self.prompt_ids, params, f"{self.request_id}/{i}")
                 self.generations.append(self.engine.submit(request))
+                self.produced.append(0)
         except BaseException:
             self.cancel()
             raise
@@ -105,9 +94,9 @@ class Job:
             generation.cancel()
 
     def usage(self) -> dict[str, int]:
-        """The prompt counted once, the completion tokens of every choice (those of a cancelled one as far as it
-        got)."""
-        completion = sum(g.usage.completion_tokens for g in self.generations)
+        """The prompt counted once, the completion tokens of every choice: those it produced up to its end (a stop
+        string's end for a choice one ended, not what its generation made before it was cancelled)."""
+        completion = sum(self.produced)
         prompt = len(self.prompt_ids)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -134,27 +123,20 @@ async def prepare(
     require_format(loaded, GENERATIVE)
     engine: GenerationEngine = ctx.generators.get(loaded)
     tokenizer = tokenizer_of(loaded)
-    prompt_ids = await _prompt_ids(ctx, tokenizer, req)
-    where = "messages" if isinstance(req, ChatRequest) else "prompt"
     context = engine.context_length
-    if not prompt_ids:
-        raise BadParam(f"the {where} is empty once tokenised; send some text", where)
-    if len(prompt_ids) >= context:
-        raise BadParam(
-            f"this model's context is {context:,} tokens, and the prompt ({where}) has {len(prompt_ids):,} tokens, "
-            "which leaves no room for the completion; shorten the prompt",
-            where,
-            "context_length_exceeded",
-        )
+    prompt_ids = await _prompt_ids(ctx, tokenizer, req, context)
     room = context - len(prompt_ids)
     limit = req.token_limit
+    max_tokens = room if limit is None else min(limit, room)
+    n = req.n or 1
+    _check_logprobs(req, n, max_tokens)
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:  # only the most likely token is left: greedy
         temperature, top_p = 0.0, 1.0
     params = [
         SamplingParams(
-            max_tokens=room if limit is None else min(limit, room),
+            max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=choice_seed(req.seed, i),
@@ -163,45 +145,66 @@ async def prepare(
             logprobs=req.top_k_logprobs,
             stop_token_ids=frozenset(tokenizer.eos_token_ids),
         )
-        for i in range(req.n or 1)
+        for i in range(n)
     ]
     return Job(
         served_at(loaded), engine, tokenizer, prompt_ids, params, list(req.stop or []), req.top_k_logprobs, request_id
     )
 
 
+def _check_logprobs(req: ChatRequest | CompletionRequest, n: int, max_tokens: int) -> None:
+    """Refuse a request whose log-probabilities would be more than :data:`MAX_LOGPROB_ENTRIES` entries."""
+    top = req.top_k_logprobs
+    if top is None:
+        return
+    entries = n * max_tokens * (top + 1)
+    if entries <= MAX_LOGPROB_ENTRIES:
+        return
+    chat = isinstance(req, ChatRequest)
+    param = "top_logprobs" if chat else "logprobs"
+    fits = MAX_LOGPROB_ENTRIES // (n * (top + 1))
+    tokens = "max_completion_tokens (or max_tokens)" if chat else "max_tokens"
+    raise BadParam(
+        f"log-probabilities are limited to {MAX_LOGPROB_ENTRIES:,} entries per request, n x max_tokens x "
+        f"({param} + 1), and this request asks for {n} x {max_tokens:,} x {top + 1} = {entries:,} (max_tokens is "
+        f"what the context leaves when it is not given or larger); lower n or {param}, or set {tokens} to at "
+        f"most {fits:,} with these",
+        param,
+    )
+
+
 async def _prompt_ids(
-    ctx: ServingContext, tokenizer: ChatTokenizer, req: ChatRequest | CompletionRequest
+    ctx: ServingContext, tokenizer: ChatTokenizer, req: ChatRequest | CompletionRequest, context: int
 ) -> tuple[int, ...]:
+    """The prompt in token ids, checked: not empty, and shorter than the ``context``."""
+    where = "messages" if isinstance(req, ChatRequest) else "prompt"
     if isinstance(req, CompletionRequest) and isinstance(req.prompt, list):
-        bad = next((t for t in req.prompt if not 0 <= t < tokenizer.vocab_size), None)
-        if bad is not None:
+        listed = req.prompt
+        check_fits(len(listed), context, where)  # before any work per id: the list may be millions long
+        low, high = min(listed), max(listed)
+        if low < 0 or high >= tokenizer.vocab_size:
+            bad = low if low < 0 else high
             raise BadParam(
                 f"prompt: token id {bad} is outside the vocabulary (0 to {tokenizer.vocab_size - 1})", "prompt"
             )
-        return tuple(req.prompt)
+        return tuple(listed)
 
     def work() -> tuple[int, ...]:
         if isinstance(req, ChatRequest):
             messages = [
                 {"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in req.messages
             ]
-            try:
-                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except MaasError as exc:
-                raise BadParam(f"messages: {exc}", "messages") from None
-            except Exception as exc:  # the model's template refusing the conversation (raise_exception)
-                raise BadParam(
-                    f"messages: the model's chat template refused them: {public_message(str(exc))}", "messages"
-                ) from None
-            return tuple(tokenizer.encode(text, special=False))  # the template writes the special tokens itself
+            return tuple(chat_prompt_ids(tokenizer, messages, context=context))
         assert isinstance(req.prompt, str)
         return tuple(tokenizer.encode(req.prompt, special=True))
 
     size = sum(len(m.content) for m in req.messages) if isinstance(req, ChatRequest) else len(str(req.prompt))
     if size <= INLINE_CHARS:
-        return work()
-    return await asyncio.get_running_loop().run_in_executor(ctx.executor, work)
+        ids = work()
+    else:
+        ids = await asyncio.get_running_loop().run_in_executor(ctx.executor, work)
+    check_fits(len(ids), context, where)
+    return ids
 
 
 # --- running ---------------------------------------------------------------------------------------------------------
@@ -212,15 +215,17 @@ _END = object()
 async def pieces(job: Job) -> AsyncGenerator[Piece, None]:
     """The pieces of every choice of a submitted ``job``, as their events arrive (choices interleaved). A choice
     whose stop string matched is cancelled at once. The job is cancelled when this ends, however it ends."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    # Bounded: a reader that falls behind stops the pumps, its generations' events pile up in the engine's count,
+    # and the engine pauses those sequences (backpressure) instead of buffering the whole generation here.
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=8 * len(job.generations))
 
     async def pump(index: int, generation: Generation) -> None:
         try:
             async for event in generation:
-                queue.put_nowait((index, event))
-            queue.put_nowait((index, _END))
+                await queue.put((index, event))
+            await queue.put((index, _END))
         except Exception as exc:
-            queue.put_nowait((index, exc))
+            await queue.put((index, exc))
 
     streams = [TextStream(job.tokenizer, job.prompt_ids, job.stops) for _ in job.generations]
     held: list[list[TokenRecord]] = [[] for _ in job.generations]
@@ -249,6 +254,7 @@ async def pieces(job: Job) -> AsyncGenerator[Piece, None]:
 def _step(job: Job, index: int, event: TokenEvent, stream: TextStream, held: list[TokenRecord]) -> Piece | None:
     text, finish = "", None
     if event.token_id is not None:
+        job.produced[index] += 1
         if job.logprobs is not None:
             logprob = event.logprob if event.logprob is not None else -9999.0
             held.append(TokenRecord(event.token_id, logprob, event.top_logprobs[: job.logprobs], stream.decoded))
