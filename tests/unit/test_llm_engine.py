@@ -84,14 +84,28 @@ def test_logits_match_transformers(hf_pair: tuple[Any, DecoderLM]) -> None:
         assert torch.allclose(step[0], want[len(ids) - 3 + offset], atol=1e-4)
 
 
+def test_bfloat16_weights_stay_close_to_float32(model: DecoderLM) -> None:
+    light = copy.deepcopy(model).with_weights("bfloat16")
+    assert light.blocks[0].qkv.weight.dtype == torch.bfloat16 and light.embed.weight.dtype == torch.float32
+    ids = list(prompts(1)[0])
+    full, low = model.prefill(ids, model.new_cache(64)), light.prefill(ids, light.new_cache(64))
+    assert low.dtype == torch.float32 and torch.allclose(full, low, atol=0.05)
+    with pytest.raises(InvalidInput, match="auto, float32 or bfloat16"):
+        copy.deepcopy(model).with_weights("int4")
+
+
 def test_refuses_other_architectures() -> None:
     with pytest.raises(InvalidInput, match="model_type 'gpt2' is not supported"):
         LMConfig.from_hf({**HF_CONFIG, "model_type": "gpt2"})
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM, dtype: torch.dtype) -> None:
-    model = copy.deepcopy(model).to(dtype)
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "bfloat16 weights"])
+def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM, precision: str) -> None:
+    model = copy.deepcopy(model)
+    if precision == "bfloat16":
+        model = model.to(torch.bfloat16)
+    elif precision == "bfloat16 weights":
+        model = model.with_weights("bfloat16")
     seqs = prompts(6)
     alone = []
     for s in seqs:
