@@ -11,7 +11,7 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import compress, demo, deploy, gc, model_report, models, runs, serve, train
+from maas.cli import chat, compress, demo, deploy, gc, model_report, models, runs, serve, train
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.add_typer(runs.app, name="runs")
 app.add_typer(deploy.app, name="deployments")
 app.command("deploy")(deploy.deploy)
 app.command("serve")(serve.serve)
+app.command("chat")(chat.chat)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
 app.command("compress")(compress.compress)
