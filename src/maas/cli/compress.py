@@ -15,7 +15,8 @@ def compress(
     max_metric_drop: float | None = typer.Option(
         None,
         "--max-metric-drop",
-        help="Refuse to register when the metric falls by more than this (metric units: 0.01 = one accuracy point).",
+        help="Refuse to register when the metric falls by more than this (metric units: 0.01 = one accuracy point; "
+        "a language model's metric is greedy agreement with its parent: 0.05 = 5 points).",
     ),
     report_json: Path | None = typer.Option(None, "--report-json", help="Also write the report to this JSON file."),
     device: str = typer.Option("cpu", "--device", help="Where training steps and measurements run: cpu, cuda, auto."),

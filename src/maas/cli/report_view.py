@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.table import Table
 
+    from maas.compression.llm.report import LLMReport
     from maas.compression.report import Measurement, Report
 
 
@@ -23,10 +24,14 @@ def _mb(n: float) -> str:
     return f"{n:,.0f} B"
 
 
-def table(report: Report) -> Table:
+def table(report: Report | LLMReport) -> Table:
     """Parent, any references, child, and child / parent for each measurement."""
     from rich.table import Table
 
+    from maas.compression.llm.report import LLMReport
+
+    if isinstance(report, LLMReport):
+        return llm_table(report)
     p, c, r = report.parent, report.child, report.ratios()
     refs = report.references
     t = Table(title=f"compression report ({report.machine})", title_justify="left")
@@ -56,6 +61,33 @@ def table(report: Report) -> Table:
     return t
 
 
+def llm_table(report: LLMReport) -> Table:
+    """A language model's report: speed, size, perplexity and agreement, parent beside child."""
+    from rich.table import Table
+
+    p, c, r = report.parent, report.child, report.ratios()
+    t = Table(title=f"compression report ({report.machine})", title_justify="left")
+    for header in ("", f"parent {p.uri or ''}".strip(), "child", "child / parent"):
+        t.add_column(header, justify="left" if not header else "right")
+    t.add_row("runs as", p.runs_as, c.runs_as, "")
+    t.add_row("size on disk", _mb(p.size_bytes), _mb(c.size_bytes), f"{r['size']:.3f}")
+    t.add_row("weights in memory", _mb(p.weight_bytes), _mb(c.weight_bytes), f"{r['weight_bytes']:.3f}")
+    t.add_row("parameters", f"{p.parameters:,}", f"{c.parameters:,}", "")
+    for label, key in (("decode tokens/s, 1 sequence", "b1"), ("decode tokens/s, 8 sequences", "b8")):
+        name = f"tokens_per_s_{key}"
+        t.add_row(label, f"{getattr(p, name):,.1f}", f"{getattr(c, name):,.1f}", f"{r[name]:.2f}x")
+    t.add_row("time per token, 1 sequence", f"{p.ms_per_token_b1:.1f} ms", f"{c.ms_per_token_b1:.1f} ms", "")
+    t.add_row(
+        "prefill tokens/s", f"{p.prefill_tokens_per_s:,.0f}", f"{c.prefill_tokens_per_s:,.0f}",
+        f"{r['prefill_tokens_per_s']:.2f}x",
+    )  # fmt: skip
+    t.add_row("perplexity", f"{p.perplexity:.3f}", f"{c.perplexity:.3f}", f"{report.perplexity_change:+.2%}")
+    t.add_row("greedy agreement", "100%", f"{c.metric:.2%}", f"drop {report.metric_drop:+.4f}")
+    t.add_row("identical answers", "", f"{report.exact_match:.0%}", "")
+    t.add_row("answer shared before first difference", "", f"{report.common_prefix:.0%}", "")
+    return t
+
+
 def versions_table(points: Sequence[Mapping[str, Any]]) -> Table:
     """One row per measured version (:func:`maas.compression.report.version_points`)."""
     from rich.table import Table
@@ -70,12 +102,17 @@ def versions_table(points: Sequence[Mapping[str, Any]]) -> Table:
             p["format"],
             f"{p['size_bytes'] / 1e6:,.3f}",
             f"{p['parameters']:,}",
-            f"{p['latency_p50_ms_b1']:.3f}",
-            f"{p['latency_p50_ms_b32']:.3f}",
-            f"{p['throughput_b32']:,.0f}",
+            _num(p, "latency_p50_ms_b1", "{:.3f}"),
+            _num(p, "latency_p50_ms_b32", "{:.3f}"),
+            _num(p, "throughput_b32", "{:,.0f}"),
             f"{p['metric_name']} {p['metric']:.4f}",
         )
     return t
+
+
+def _num(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    """A timing of a version; ``-`` for a language model's row, measured in tokens/s instead."""
+    return fmt.format(row[key]) if key in row else "-"
 
 
 def plot(points: Sequence[Mapping[str, Any]], title: str, out: Path) -> Path:
@@ -88,8 +125,9 @@ def plot(points: Sequence[Mapping[str, Any]], title: str, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     xs = [p["size_bytes"] / 1e6 for p in points]
     ys = [p["metric"] for p in points]
-    lat = [p["latency_p50_ms_b32"] for p in points]
-    sc = ax.scatter(xs, ys, c=lat, cmap="viridis_r", s=90, edgecolors="black", linewidths=0.5)
+    lat = [p.get("latency_p50_ms_b32", float("nan")) for p in points]
+    cmap = matplotlib.colormaps["viridis_r"].with_extremes(bad="lightgrey")  # grey: no latency (language models)
+    sc = ax.scatter(xs, ys, c=lat, cmap=cmap, s=90, edgecolors="black", linewidths=0.5)
     for p, x, y in zip(points, xs, ys, strict=True):
         ax.annotate(f"v{p['version']}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=9)
     by_version = {p["version"]: p for p in points}

@@ -9,19 +9,18 @@ enforced, and only then is the child registered with its lineage (parent, recipe
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from maas.compression import formats
 from maas.compression.candidate import Kind, Progress, StepContext, from_artifact, save
 from maas.compression.evaluation import EvalData, load_eval_data
-from maas.compression.recipe import Recipe, Step, load_recipe, parse_recipe
-from maas.compression.report import Report, compare
+from maas.compression.recipe import QuantizeStep, Recipe, Step, load_recipe, parse_recipe, recipe_hash
+from maas.compression.report import compare
+from maas.compression.result import CompressResult as CompressResult
+from maas.compression.result import MetricDropTooLarge as MetricDropTooLarge
 from maas.compression.steps import step_type
 from maas.compression.steps.base import Planned
 from maas.errors import InvalidInput, NotFound
@@ -33,20 +32,6 @@ log = logging.getLogger(__name__)
 
 #: registry format -> the kind of candidate a recipe starts from.
 SOURCE_KINDS: dict[str, Kind] = {"onnx": "onnx", "torch_export": "torch", "hf_transformers": "hf"}
-
-
-class MetricDropTooLarge(InvalidInput):
-    """The child's metric fell by more than allowed; nothing was registered. ``report`` holds the numbers."""
-
-    def __init__(self, message: str, report: Report) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-@dataclass
-class CompressResult:
-    version: ModelVersion
-    report: Report
 
 
 def _describe(i: int, step: Step) -> str:
@@ -64,6 +49,8 @@ def plan(recipe: Recipe, source_format: str) -> list[Kind]:
     kinds = []
     for i, step in enumerate(recipe.steps):
         impl = step_type(step.type)
+        if isinstance(step, QuantizeStep) and step.mode == "bfloat16":
+            raise InvalidInput(f"{_describe(i, step)}: mode bfloat16 is for causal_lm models; use weight_only, dynamic")
         why = impl.accepts(step, state)
         if why is not None:
             raise InvalidInput(f"{_describe(i, step)}: {why}")
@@ -86,6 +73,8 @@ def check(
             "the recipe has no evaluation: add `evaluation: {dataset: package.module:function}` so parent and child "
             "can be measured (accuracy needs (input, label) pairs; texts are compared by cosine)"
         )
+    if recipe.evaluation.new_tokens is not None:
+        raise InvalidInput("evaluation.new_tokens is for causal_lm models (new tokens per prompt); remove it")
     try:
         parent = registry.resolve(source)
     except NotFound as exc:
@@ -97,9 +86,11 @@ def check(
     return parent
 
 
-def recipe_hash(recipe: Recipe) -> str:
-    raw = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+def _format_of(source: str, registry: Registry) -> str | None:
+    try:
+        return registry.resolve(source).format
+    except (NotFound, InvalidInput):
+        return None  # check() says what is wrong with it
 
 
 def compress(
@@ -119,13 +110,21 @@ def compress(
 
     Raises ``InvalidInput``/``NotFound`` before any work when something is wrong, and
     :class:`MetricDropTooLarge` (with the report) instead of registering a child whose metric fell by more
-    than ``max_metric_drop`` (in the metric's own units: 0.01 is one accuracy point).
+    than ``max_metric_drop`` (in the metric's own units: 0.01 is one accuracy point). A ``causal_lm`` parent goes
+    to :func:`maas.compression.llm.run.compress_llm` (one quantize step; the metric is greedy agreement).
     """
     if isinstance(recipe, dict):
         recipe = parse_recipe(recipe)
     elif not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     registry = registry or Registry()
+    if _format_of(source, registry) == "causal_lm":  # language models: their own steps and measurements
+        from maas.compression.llm.run import compress_llm
+
+        return compress_llm(
+            source, recipe, name, alias=alias, max_metric_drop=max_metric_drop, description=description,
+            registry=registry, progress=progress, report_path=report_path,
+        )  # fmt: skip
     parent = check(source, recipe, name, alias=alias, max_metric_drop=max_metric_drop, registry=registry)
     assert recipe.evaluation is not None
     parent_path = registry.artifact_path(parent)

@@ -18,6 +18,8 @@ applied in order. Each step type is one module: ``prune`` (:mod:`maas.compressio
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,6 +70,8 @@ class EvaluationSpec(DatasetSpec):
     limit: int | None = Field(None, ge=1)
     #: Timed calls for latency p50 at batch 1 (throughput at batch 32 uses a fifth as many).
     latency_runs: int = Field(50, ge=5, le=100_000)
+    #: causal_lm models only: new tokens each prompt is answered with, greedily (default 48).
+    new_tokens: int | None = Field(None, ge=2, le=1024)
 
 
 class PruneStep(_Strict):
@@ -92,9 +96,9 @@ class QuantizeStep(_Strict):
     #: ``onnxruntime`` for ONNX models (and Hugging Face models exported to ONNX); ``torchao`` for torch models.
     backend: Literal["onnxruntime", "torchao"] = "onnxruntime"
     #: onnxruntime: ``dynamic`` (int8 weights, activations quantized at run time) or ``static`` (QDQ,
-    #: calibrated). torchao: ``weight_only`` or ``dynamic`` (int8 dynamic activation, int8 weight).
-    #: ``auto`` tries each mode of the backend and keeps the fastest at batch 32.
-    mode: Literal["auto", "dynamic", "static", "weight_only"] = "dynamic"
+    #: calibrated). torchao: ``weight_only`` or ``dynamic`` (int8 dynamic activation, int8 weight); causal_lm
+    #: models: ``weight_only`` or ``bfloat16`` (weights cast). ``auto`` tries each mode, keeps the fastest at batch 32.
+    mode: Literal["auto", "dynamic", "static", "weight_only", "bfloat16"] = "dynamic"
     per_channel: bool = True
     #: onnxruntime: 7-bit weights, so the 16-bit accumulation of x86 CPUs without VNNI cannot saturate.
     #: None (default): only on such CPUs. It costs a little accuracy; false keeps 8 bits and risks saturation.
@@ -107,7 +111,10 @@ class QuantizeStep(_Strict):
 
     @model_validator(mode="after")
     def _modes(self) -> QuantizeStep:
-        valid = {"onnxruntime": ("auto", "dynamic", "static"), "torchao": ("auto", "weight_only", "dynamic")}
+        valid = {
+            "onnxruntime": ("auto", "dynamic", "static"),
+            "torchao": ("auto", "weight_only", "dynamic", "bfloat16"),
+        }
         if self.mode not in valid[self.backend]:
             raise ValueError(
                 f"mode {self.mode!r} is not a mode of backend {self.backend!r}; "
@@ -177,3 +184,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a YAML recipe (``yaml.safe_load`` only); errors name the file and line."""
     return configfile.load(path, Recipe, what="recipe", list_key="steps", explain=_explain)
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """``sha256:`` of the recipe's canonical JSON: the same settings hash alike however the YAML was written."""
+    raw = json.dumps(recipe.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
