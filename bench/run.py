@@ -15,6 +15,7 @@ BENCHMARKS = {
     "serving": "serving:run",
     "training": "training:run",
     "compression": "compression:run",
+    "llm": "llm:run",
 }
 
 
