@@ -120,6 +120,26 @@ def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM, precision:
         assert torch.equal(batch[row], single)
 
 
+def test_one_pass_for_a_prompt_chunk_and_decoding_rows_gives_what_separate_passes_give(model: DecoderLM) -> None:
+    seqs, chunk = prompts(5), list(prompts(9)[8])
+
+    def caches() -> list[Any]:
+        out = []
+        for s in seqs:
+            cache = model.new_cache(64)
+            model.prefill(list(s), cache)
+            out.append(cache)
+        return out
+
+    apart, together = caches(), caches()
+    alone_cache, fused_cache = model.new_cache(64), model.new_cache(64)
+    want_rows, want_last = model.decode([7] * 5, apart), model.prefill(chunk, alone_cache)
+    rows, last = model.step([7] * 5, together, chunk, fused_cache)
+    assert torch.equal(rows, want_rows) and last is not None and torch.equal(last, want_last)
+    assert fused_cache.length == alone_cache.length == len(chunk)
+    assert torch.equal(fused_cache.k[:, :, : len(chunk)], alone_cache.k[:, :, : len(chunk)])
+
+
 def test_batched_greedy_equals_sequential_greedy(model: DecoderLM) -> None:
     seqs = prompts(8)
     want = [model.greedy(list(s), 16) for s in seqs]

@@ -24,17 +24,19 @@ from torch import nn
 
 from maas import envs
 from maas.errors import InvalidInput
+from maas.runtimes.causal_lm.kv_cache import CACHE_CHUNK, KVCache
 from maas.runtimes.causal_lm.quantized import load_int8
 
 #: Model types whose checkpoints have Llama's layout (GQA attention, RMSNorm, SwiGLU MLP, rotary positions).
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-#: Cache growth step, in tokens: a sequence's cache is reallocated about once per this many tokens.
-CACHE_CHUNK = 128
 #: A decoding step runs a multiple of this many rows through the linear layers (padding with dummy rows): CPU matrix
 #: kernels compute rows in tiles of four, and a row in a partial tile (or a lone row) is summed in another order
 #: (measured with oneDNN/MKL on 1 and 2 threads, checked by the tests). So a sequence's tokens do not depend on how
 #: many others share its steps.
 ROW_TILE = 4
+
+
+__all__ = ["CACHE_CHUNK", "ROW_TILE", "SUPPORTED_MODEL_TYPES", "DecoderLM", "KVCache", "LMConfig"]
 
 
 @dataclass(frozen=True)
@@ -87,40 +89,6 @@ class LMConfig:
     def kv_bytes_per_token(self, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of keys and values one token holds in the cache, all layers."""
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
-
-
-class KVCache:
-    """One sequence's keys and values: ``[layers, kv_heads, capacity, head_dim]`` each, ``length`` of them filled."""
-
-    def __init__(self, cfg: LMConfig, capacity: int, dtype: torch.dtype = torch.float32) -> None:
-        self.cfg = cfg
-        self.length = 0
-        shape = (cfg.num_layers, cfg.num_kv_heads, _round_up(max(capacity, 1)), cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
-
-    @property
-    def capacity(self) -> int:
-        return int(self.k.shape[2])
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    def reserve(self, tokens: int) -> None:
-        """Room for ``tokens`` more tokens (grown in :data:`CACHE_CHUNK` steps)."""
-        need = self.length + tokens
-        if need <= self.capacity:
-            return
-        shape = (*self.k.shape[:2], _round_up(need), self.k.shape[3])
-        k, v = torch.zeros(shape, dtype=self.k.dtype), torch.zeros(shape, dtype=self.k.dtype)
-        k[:, :, : self.length] = self.k[:, :, : self.length]
-        v[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = k, v
-
-
-def _round_up(n: int) -> int:
-    return -(-n // CACHE_CHUNK) * CACHE_CHUNK
 
 
 class RMSNorm(nn.Module):
@@ -211,38 +179,30 @@ class DecoderLM(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
         return emb.cos().to(self.dtype), emb.sin().to(self.dtype)
 
-    @torch.inference_mode()
     def prefill(self, ids: Sequence[int], cache: KVCache) -> torch.Tensor:
         """Run ``ids`` (continuing what ``cache`` holds) and return the logits of the last position ``[1, vocab]``."""
-        torch.set_flush_denormal(True)  # this thread's CPU state; see decode
-        n, start = len(ids), cache.length
-        cache.reserve(n)
-        cfg = self.cfg
-        x = self.embed(torch.tensor(list(ids), dtype=torch.long))
-        cos, sin = self._angles(torch.arange(start, start + n))
-        end = start + n
-        for i, block in enumerate(self.layers):
-            q, k, v = block.project(x, cos, sin)
-            cache.k[i, :, start:end] = k.transpose(0, 1)
-            cache.v[i, :, start:end] = v.transpose(0, 1)
-            keys, values = cache.k[i, :, :end], cache.v[i, :, :end]
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                keys[None],
-                values[None],
-                attn_mask=_causal(n, start, x.device) if start else None,
-                is_causal=not start,
-                enable_gqa=cfg.num_heads != cfg.num_kv_heads,
-            )
-            x = x + block.o(attn[0].transpose(0, 1).reshape(n, -1))
-            x = x + block.mlp(x)
-        cache.length = end
-        out: torch.Tensor = self.lm_head(self.norm(x[-1:]))
-        return out.float()
+        last = self.step((), (), ids, cache)[1]
+        assert last is not None
+        return last
 
-    @torch.inference_mode()
     def decode(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
         """One step: token ``tokens[j]`` appended to sequence ``caches[j]``; logits ``[len(tokens), vocab]``."""
+        return self.step(tokens, caches)[0]
+
+    @torch.inference_mode()
+    def step(
+        self,
+        tokens: Sequence[int],
+        caches: Sequence[KVCache],
+        chunk: Sequence[int] = (),
+        chunk_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One forward pass for both kinds of work: a new token for each sequence ``caches[j]`` (logits
+        ``[len(tokens), vocab]``) and, if given, a ``chunk`` of one sequence's prompt continuing ``chunk_cache``
+        (the logits of its last position ``[1, vocab]``). The weights are read once for all rows.
+
+        The decoding rows come first and the chunk's after them, each padded to whole :data:`ROW_TILE` tiles, so
+        each row's result is the same whatever else shares the pass (on one compute thread or several)."""
         # Denormal floats take a slow path in the CPU (measured: 1.8x the step time); flush them to zero. A flag of
         # the calling thread's CPU state, so set on every call, whichever thread runs it.
         torch.set_flush_denormal(True)
@@ -250,9 +210,16 @@ class DecoderLM(nn.Module):
         for cache in caches:
             cache.reserve(1)
         positions = [c.length for c in caches]
-        pad = -len(tokens) % ROW_TILE
-        x = self.embed(torch.tensor([*tokens, *[0] * pad], dtype=torch.long))
-        cos, sin = self._angles(torch.tensor([*positions, *[0] * pad]))
+        rows = len(tokens) + (-len(tokens) % ROW_TILE)
+        pad = rows - len(tokens)
+        n = len(chunk)
+        tail = -n % ROW_TILE  # the chunk's rows padded to whole tiles too
+        start = chunk_cache.length if chunk_cache is not None else 0
+        if n:
+            assert chunk_cache is not None
+            chunk_cache.reserve(n)
+        x = self.embed(torch.tensor([*tokens, *[0] * pad, *chunk, *[0] * tail], dtype=torch.long))
+        cos, sin = self._angles(torch.tensor([*positions, *[0] * pad, *range(start, start + n), *[0] * tail]))
         group = cfg.num_heads // cfg.num_kv_heads
         blank = torch.zeros(cfg.num_heads * cfg.head_dim, dtype=self.dtype)
         for i, block in enumerate(self.layers):
@@ -266,12 +233,38 @@ class DecoderLM(nn.Module):
                 scores = torch.softmax(torch.matmul(qj, keys.transpose(1, 2)) * self.scale, dim=-1)
                 outs.append(torch.matmul(scores, values).reshape(-1))
             outs.extend([blank] * pad)
-            x = x + block.o(torch.stack(outs))
+            if n:
+                assert chunk_cache is not None
+                end = rows + n
+                outs.append(self._chunk_attention(i, q[rows:end], k[rows:end], v[rows:end], chunk_cache, start))
+                outs.append(torch.zeros(tail, blank.shape[0], dtype=self.dtype))
+            x = x + block.o(torch.cat([torch.stack(outs[:rows]), *outs[rows:]]) if rows else torch.cat(outs))
             x = x + block.mlp(x)
         for cache in caches:
             cache.length += 1
-        out: torch.Tensor = self.lm_head(self.norm(x))
-        return out[: len(tokens)].float()
+        if chunk_cache is not None:
+            chunk_cache.length = start + n
+        logits: torch.Tensor = self.lm_head(self.norm(x[:rows]))[: len(tokens)].float()
+        last = self.lm_head(self.norm(x[rows + n - 1 : rows + n])).float() if n else None
+        return logits, last
+
+    def _chunk_attention(
+        self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, start: int
+    ) -> torch.Tensor:
+        """Causal attention of a prompt chunk's rows over the cached positions and themselves: ``[n, heads * d]``."""
+        cfg, n = self.cfg, q.shape[0]
+        end = start + n
+        cache.k[i, :, start:end] = k.transpose(0, 1)
+        cache.v[i, :, start:end] = v.transpose(0, 1)
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            cache.k[i, :, :end][None],
+            cache.v[i, :, :end][None],
+            attn_mask=_causal(n, start, q.device) if start else None,
+            is_causal=not start,
+            enable_gqa=cfg.num_heads != cfg.num_kv_heads,
+        )
+        return attn[0].transpose(0, 1).reshape(n, -1)
 
     @torch.inference_mode()
     def greedy(

@@ -237,23 +237,29 @@ class BatchingEngine:
             self._running.append(seq)
 
     def _step(self) -> bool:
-        """One chunk of one prompt, then one token for every running sequence whose reader keeps up. False when
-        there was nothing to do."""
-        did = False
+        """One chunk of one prompt and one token for every running sequence whose reader keeps up, in one forward
+        pass where the model offers one (the weights are read once). False when there was nothing to do."""
         prefilling = next((s for s in self._running if s.prefilling), None)
-        if prefilling is not None:
-            self._prefill_chunk(prefilling)
-            did = True
         decoding = self._decodable()
-        if decoding:
-            logits = self.model.decode([s.last_token for s in decoding], [s.cache for s in decoding])
+        fused = getattr(self.model, "step", None)
+        if prefilling is not None and decoding and fused is not None:
+            chunk = prefilling.feed[prefilling.prefilled : prefilling.prefilled + PREFILL_CHUNK]
+            logits, last = fused([s.last_token for s in decoding], [s.cache for s in decoding], chunk, prefilling.cache)
             self.steps += 1
             for row, seq in enumerate(decoding):
                 self._take(seq, logits[row])
-            did = True
+            self._prefilled(prefilling, len(chunk), last)
+        else:
+            if prefilling is not None:
+                self._prefill_chunk(prefilling)
+            if decoding:
+                logits = self.model.decode([s.last_token for s in decoding], [s.cache for s in decoding])
+                self.steps += 1
+                for row, seq in enumerate(decoding):
+                    self._take(seq, logits[row])
         with self._cond:
             self._running = [s for s in self._running if not s.done]
-        return did
+        return prefilling is not None or bool(decoding)
 
     def _decodable(self) -> list[Sequence]:
         """The sequences to decode this step: prefilled, not waiting for their reader (one whose reader has taken
@@ -296,16 +302,18 @@ class BatchingEngine:
         log.info("KV cache budget reached: a sequence of %d tokens waits to resume", len(seq.feed))
 
     def _prefill_chunk(self, seq: Sequence) -> None:
-        start = seq.prefilled
-        chunk = seq.feed[start : start + PREFILL_CHUNK]
+        chunk = seq.feed[seq.prefilled : seq.prefilled + PREFILL_CHUNK]
         try:
             logits = self.model.prefill(chunk, seq.cache)
         except Exception as exc:  # this prompt's failure is its own
             log.warning("prefill failed: %s", exc)
             self._finish(seq, Unavailable(f"the prompt could not be processed ({type(exc).__name__}); retry"))
             return
-        seq.prefilled += len(chunk)
-        if not seq.prefilling:
+        self._prefilled(seq, len(chunk), logits)
+
+    def _prefilled(self, seq: Sequence, n: int, logits: torch.Tensor | None) -> None:
+        seq.prefilled += n
+        if not seq.prefilling and logits is not None:
             if not seq.generated:  # not a sequence resumed after a preemption
                 seq.usage.prompt_tokens = len(seq.prompt)
                 self._observe("tokens", len(seq.prompt), 0)
