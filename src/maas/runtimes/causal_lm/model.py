@@ -224,14 +224,15 @@ class DecoderLM(nn.Module):
         blank = torch.zeros(cfg.num_heads * cfg.head_dim, dtype=self.dtype)
         for i, block in enumerate(self.layers):
             q, k, v = block.project(x, cos, sin)
+            scaled = q[: len(tokens)] * self.scale  # once for all rows: the loop below runs per sequence
             outs = []
             for j, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
                 cache.k[i, :, pos] = k[j]
                 cache.v[i, :, pos] = v[j]
                 keys, values = cache.k[i, :, : pos + 1], cache.v[i, :, : pos + 1]  # [kv, L, d]
-                qj = q[j].view(cfg.num_kv_heads, group, cfg.head_dim)  # heads grouped by the kv head they share
-                scores = torch.softmax(torch.matmul(qj, keys.transpose(1, 2)) * self.scale, dim=-1)
-                outs.append(torch.matmul(scores, values).reshape(-1))
+                qj = scaled[j].view(cfg.num_kv_heads, group, cfg.head_dim)  # heads grouped by the kv head they share
+                scores = torch.matmul(qj, keys.transpose(1, 2)).softmax(-1)
+                outs.append(torch.matmul(scores, values).view(-1))
             outs.extend([blank] * pad)
             if n:
                 assert chunk_cache is not None
