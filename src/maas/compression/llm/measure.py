@@ -77,11 +77,18 @@ def parameter_count(directory: Path) -> int:
     return total
 
 
-@torch.inference_mode()
 def all_logits(model: DecoderLM, ids: Sequence[int]) -> torch.Tensor:
     """Logits ``[len(ids), vocab]`` (float32) at every position: :meth:`DecoderLM.prefill`'s computation on an
-    empty cache, keeping every row instead of the last."""
+    empty cache, keeping every row instead of the last (denormals flushed during it, as the decoder does)."""
     torch.set_flush_denormal(True)
+    try:
+        return _all_logits(model, ids)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+@torch.inference_mode()
+def _all_logits(model: DecoderLM, ids: Sequence[int]) -> torch.Tensor:
     cfg = model.cfg
     n = len(ids)
     x = model.embed(torch.tensor(list(ids), dtype=torch.long))

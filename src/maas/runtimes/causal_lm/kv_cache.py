@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from maas.runtimes.causal_lm.model import LMConfig
+
+class Shape(Protocol):
+    """What a cache needs of the model's configuration (:class:`maas.runtimes.causal_lm.model.LMConfig`)."""
+
+    @property
+    def num_layers(self) -> int: ...
+
+    @property
+    def num_kv_heads(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
 
 #: Cache growth step, in tokens: a sequence's cache is reallocated about once per this many tokens.
 CACHE_CHUNK = 128
@@ -16,7 +27,7 @@ CACHE_CHUNK = 128
 class KVCache:
     """One sequence's keys and values: ``[layers, kv_heads, capacity, head_dim]`` each, ``length`` of them filled."""
 
-    def __init__(self, cfg: LMConfig, capacity: int, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, cfg: Shape, capacity: int, dtype: torch.dtype = torch.float32) -> None:
         self.cfg = cfg
         self.length = 0
         shape = (cfg.num_layers, cfg.num_kv_heads, _round_up(max(capacity, 1)), cfg.head_dim)

@@ -189,8 +189,24 @@ class DecoderLM(nn.Module):
         """One step: token ``tokens[j]`` appended to sequence ``caches[j]``; logits ``[len(tokens), vocab]``."""
         return self.step(tokens, caches)[0]
 
-    @torch.inference_mode()
     def step(
+        self,
+        tokens: Sequence[int],
+        caches: Sequence[KVCache],
+        chunk: Sequence[int] = (),
+        chunk_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """See :meth:`_forward`. Denormal floats take a slow path in the CPU (measured: 1.8x the step time), so they
+        are flushed to zero during the pass: a flag of the calling thread's CPU state, set on every call whichever
+        thread runs it, and cleared after (other code in that thread, e.g. hypothesis, expects IEEE subnormals)."""
+        torch.set_flush_denormal(True)
+        try:
+            return self._forward(tokens, caches, chunk, chunk_cache)
+        finally:
+            torch.set_flush_denormal(False)
+
+    @torch.inference_mode()
+    def _forward(
         self,
         tokens: Sequence[int],
         caches: Sequence[KVCache],
@@ -203,9 +219,6 @@ class DecoderLM(nn.Module):
 
         The decoding rows come first and the chunk's after them, each padded to whole :data:`ROW_TILE` tiles, so
         each row's result is the same whatever else shares the pass (on one compute thread or several)."""
-        # Denormal floats take a slow path in the CPU (measured: 1.8x the step time); flush them to zero. A flag of
-        # the calling thread's CPU state, so set on every call, whichever thread runs it.
-        torch.set_flush_denormal(True)
         cfg = self.cfg
         for cache in caches:
             cache.reserve(1)
