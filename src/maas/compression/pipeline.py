@@ -17,10 +17,11 @@ from typing import Any
 from maas.compression import formats
 from maas.compression.candidate import Kind, Progress, StepContext, from_artifact, save
 from maas.compression.evaluation import EvalData, load_eval_data
-from maas.compression.recipe import QuantizeStep, Recipe, Step, load_recipe, parse_recipe, recipe_hash
+from maas.compression.recipe import QuantizeStep, Recipe, Step, load_recipe, parse_recipe
 from maas.compression.report import compare
 from maas.compression.result import CompressResult as CompressResult
 from maas.compression.result import MetricDropTooLarge as MetricDropTooLarge
+from maas.compression.result import register_child
 from maas.compression.steps import step_type
 from maas.compression.steps.base import Planned
 from maas.errors import InvalidInput, NotFound
@@ -176,22 +177,17 @@ def compress(
                 f"{report.child.metric:.4f}), more than --max-metric-drop {max_metric_drop:g}; nothing was registered",
                 report,
             )
-        version = registry.register(
+        version = register_child(
+            registry,
             child_path,
             name,
-            format=child_format,
-            description=description or f"{parent.uri} compressed: " + "; ".join(cand.history),
-            metrics=report.child_metrics(),
+            child_format,
+            parent,
+            recipe,
+            report,
+            cand.history,
             alias=alias,
-            parent=parent.uri,
-            tags={"compressed_from": parent.uri},
-            lineage_extra={
-                "recipe": recipe.model_dump(mode="json"),
-                "recipe_hash": recipe_hash(recipe),
-                "parent_digest": parent.artifact_digest,
-                "steps": cand.history,
-                "compression_report": report.to_dict(),
-            },
+            description=description,
         )
     report.child.uri = version.uri
     return CompressResult(version=version, report=report)

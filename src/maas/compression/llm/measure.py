@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from maas.runtimes.causal_lm.model import DecoderLM
+from maas.runtimes.causal_lm.precision import flushed_denormals
 from maas.runtimes.causal_lm.quantized import SCALE_SUFFIX
 
 #: Sequences decoded together in the batched measurement.
@@ -80,11 +81,8 @@ def parameter_count(directory: Path) -> int:
 def all_logits(model: DecoderLM, ids: Sequence[int]) -> torch.Tensor:
     """Logits ``[len(ids), vocab]`` (float32) at every position: :meth:`DecoderLM.prefill`'s computation on an
     empty cache, keeping every row instead of the last (denormals flushed during it, as the decoder does)."""
-    torch.set_flush_denormal(True)
-    try:
+    with flushed_denormals():
         return _all_logits(model, ids)
-    finally:
-        torch.set_flush_denormal(False)
 
 
 @torch.inference_mode()

@@ -18,10 +18,10 @@ from maas.compression.llm import measure
 from maas.compression.llm.plan import LLMPlan, llm_plan
 from maas.compression.llm.quantize import write_child
 from maas.compression.llm.report import LLMMeasurement, LLMReport
-from maas.compression.recipe import Recipe, recipe_hash
-from maas.compression.result import CompressResult, MetricDropTooLarge
+from maas.compression.recipe import Recipe
+from maas.compression.result import CompressResult, MetricDropTooLarge, register_child
 from maas.errors import InvalidInput, NotFound
-from maas.registry import ModelVersion, Registry
+from maas.registry import Registry
 from maas.registry.uri import validate_alias, validate_name
 from maas.runtimes.causal_lm.runtime import FORMAT, CausalLMRuntime
 
@@ -82,39 +82,20 @@ def compress_llm(
                 f"{report.metric_drop:.4f}), more than --max-metric-drop {max_metric_drop:g}; nothing was registered",
                 report,
             )
-        version = _register(registry, child_path, name, parent, recipe, report, alias=alias, description=description)
+        version = register_child(
+            registry,
+            child_path,
+            name,
+            "causal_lm",
+            parent,
+            recipe,
+            report,
+            list(report.steps),
+            alias=alias,
+            description=description,
+        )
     report.child.uri = version.uri
     return CompressResult(version=version, report=report)
-
-
-def _register(
-    registry: Registry,
-    path: Path,
-    name: str,
-    parent: ModelVersion,
-    recipe: Recipe,
-    report: LLMReport,
-    *,
-    alias: str | None,
-    description: str,
-) -> ModelVersion:
-    return registry.register(
-        path,
-        name,
-        format="causal_lm",
-        description=description or f"{parent.uri} compressed: " + "; ".join(report.steps),
-        metrics=report.child_metrics(),
-        alias=alias,
-        parent=parent.uri,
-        tags={"compressed_from": parent.uri},
-        lineage_extra={
-            "recipe": recipe.model_dump(mode="json"),
-            "recipe_hash": recipe_hash(recipe),
-            "parent_digest": parent.artifact_digest,
-            "steps": list(report.steps),
-            "compression_report": report.to_dict(),
-        },
-    )
 
 
 def _measure(

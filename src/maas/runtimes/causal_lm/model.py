@@ -25,6 +25,7 @@ from torch import nn
 from maas import envs
 from maas.errors import InvalidInput
 from maas.runtimes.causal_lm.kv_cache import CACHE_CHUNK, KVCache
+from maas.runtimes.causal_lm.precision import flushed_denormals
 from maas.runtimes.causal_lm.quantized import load_int8
 
 #: Model types whose checkpoints have Llama's layout (GQA attention, RMSNorm, SwiGLU MLP, rotary positions).
@@ -196,14 +197,9 @@ class DecoderLM(nn.Module):
         chunk: Sequence[int] = (),
         chunk_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """See :meth:`_forward`. Denormal floats take a slow path in the CPU (measured: 1.8x the step time), so they
-        are flushed to zero during the pass: a flag of the calling thread's CPU state, set on every call whichever
-        thread runs it, and cleared after (other code in that thread, e.g. hypothesis, expects IEEE subnormals)."""
-        torch.set_flush_denormal(True)
-        try:
+        """See :meth:`_forward`; run with denormals flushed (:func:`flushed_denormals`)."""
+        with flushed_denormals():
             return self._forward(tokens, caches, chunk, chunk_cache)
-        finally:
-            torch.set_flush_denormal(False)
 
     @torch.inference_mode()
     def _forward(
