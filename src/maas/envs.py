@@ -168,6 +168,52 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "KV-cache memory per language model; a request waits until its prompt fits (one runs regardless when "
         "nothing else does).",
     ),
+    "MAAS_AUTH": (
+        _str("MAAS_AUTH", "auto"),
+        "API keys: auto (required on any bind but a loopback address, off on loopback), required, or disabled "
+        "(refused on a non-loopback bind unless `maas serve --allow-unauthenticated`).",
+    ),
+    "MAAS_ALLOW_UNAUTHENTICATED": (
+        _str("MAAS_ALLOW_UNAUTHENTICATED", None),
+        "Set to 1 to serve with MAAS_AUTH=disabled on a non-loopback address (same as --allow-unauthenticated).",
+    ),
+    "MAAS_AUTH_CACHE_S": (
+        _num("MAAS_AUTH_CACHE_S", 1.0),
+        "How long a server trusts a key it looked up; a revoked or expired key fails within this time.",
+    ),
+    "MAAS_AUTH_MAX_FAILURES": (
+        _num("MAAS_AUTH_MAX_FAILURES", 10, int),
+        "Failed key checks a client address may make per minute before its further attempts are slowed and "
+        "answered 429.",
+    ),
+    "MAAS_REDIS_URL": (
+        _str("MAAS_REDIS_URL", None),
+        "redis://host:port/db keeping rate-limit and quota counters for every server process; default: the "
+        "metadata database.",
+    ),
+    "MAAS_USAGE_RETENTION_DAYS": (
+        _num("MAAS_USAGE_RETENTION_DAYS", 400, int),
+        "Days of per-minute usage rows a server keeps; older rows are deleted.",
+    ),
+    "MAAS_SERVER_URL": (
+        _str("MAAS_SERVER_URL", None),
+        "When set (http[s]://host:port), `maas models|keys|usage|audit|deployments` act on that server through "
+        "its admin API instead of the local registry.",
+    ),
+    "MAAS_API_KEY": (
+        _str("MAAS_API_KEY", None),
+        "The API key the `maas` CLI sends to MAAS_SERVER_URL (and `maas chat` to its server).",
+    ),
+    "MAAS_SSL_CERTFILE": (_str("MAAS_SSL_CERTFILE", None), "PEM certificate chain `maas serve` uses for TLS."),
+    "MAAS_SSL_KEYFILE": (_str("MAAS_SSL_KEYFILE", None), "PEM private key of MAAS_SSL_CERTFILE."),
+    "MAAS_SSL_CA_FILE": (
+        _str("MAAS_SSL_CA_FILE", None),
+        "PEM bundle the `maas` CLI trusts for an https MAAS_SERVER_URL (default: the system's).",
+    ),
+    "MAAS_ARTIFACT_KEY_FILE": (
+        _str("MAAS_ARTIFACT_KEY_FILE", None),
+        "File holding a 32-byte key (raw, hex or base64): artifacts are stored encrypted with AES-256-GCM.",
+    ),
     "MAAS_DEVICE": (
         _str("MAAS_DEVICE", "cpu"),
         "Where runtimes execute: cpu, cuda (used when a CUDA provider is available) or auto.",

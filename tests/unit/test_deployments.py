@@ -12,6 +12,7 @@ from sqlalchemy import create_engine, inspect, text
 from maas.errors import InvalidInput, NotFound
 from maas.registry import Deployment, Registry
 from maas.registry.deployments import SETTINGS, check_deployment, defaults, merge_deployment, read_deployments
+from maas.registry.sql.engine import SCHEMA_HEAD
 from maas.testing.models import make_linear_model
 
 
@@ -254,7 +255,7 @@ def test_the_migration_goes_down_and_up(tmp_path: Path, model_file: Path) -> Non
     engine.dispose()
 
     reg = Registry(url, home=tmp_path / "home")  # brings the schema back up to head
-    assert reg.store.current_revision() == "0004_deployments"
+    assert reg.store.current_revision() == SCHEMA_HEAD
     assert [m.name for m in reg.list_models()] == ["a"]
     assert reg.get_deployment("a") == Deployment("a")
     assert reg.deploy("a", instances=3).revision == 1

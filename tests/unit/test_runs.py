@@ -221,7 +221,7 @@ def test_a_0001_database_upgrades_to_runs(tmp_path: Path) -> None:
     engine.dispose()
 
     registry = Registry(url, home=tmp_path / "home")
-    assert registry.store.current_revision() == SCHEMA_HEAD == "0004_deployments"
+    assert registry.store.current_revision() == SCHEMA_HEAD == "0005_access"
     assert [m.name for m in registry.list_models()] == ["old"]
     run = registry.runs.create_run(CONFIG, strategy="ddp", world_size=2)
     registry.runs.log_run_steps(run.id, [(1, 1.0)])

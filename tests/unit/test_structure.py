@@ -22,6 +22,7 @@ LAYERS = {
     "configfile": 1,
     "runtimes": 2,
     "registry": 3,
+    "access": 3,
     "training": 4,
     "serving": 5,
     "compression": 5,

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 log = logging.getLogger(__name__)
 
 #: The newest Alembic revision; a test keeps it equal to the migrations' head.
-SCHEMA_HEAD = "0004_deployments"
+SCHEMA_HEAD = "0005_access"
 
 T = TypeVar("T")
 
