@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from maas.registry.audit import record
 from maas.registry.deployments import SETTINGS, merge_deployment
 from maas.registry.entities import Deployment
 from maas.registry.schema import DeploymentRow, ModelRow
@@ -58,6 +59,14 @@ class SqlDeploymentStore:
             row.revision += 1
             row.updated_at = now()
             s.flush()
+            was = {**_settings(current), "revision": current.revision} if current.revision else None
+            record(
+                s,
+                "deployment.put",
+                f"models:/{name}",
+                before=was,
+                after={**_settings(merged), "revision": row.revision},
+            )
             return _to_deployment(name, row)
 
         return self.db.write(tx)
@@ -87,12 +96,16 @@ class SqlDeploymentStore:
             row = s.get(DeploymentRow, model.id, with_for_update=True)
             if row is None or not row.active:
                 return False
+            current = _to_deployment(name, row)
             defaults = Deployment(name)
             for setting, value in _settings(defaults).items():
                 setattr(row, setting, list(value) if setting == "preferred_batch_sizes" else value)
             row.active = False
             row.revision += 1  # kept, so the next deployment gets a revision no server has seen
             row.updated_at = now()
+            record(
+                s, "deployment.delete", f"models:/{name}", before={**_settings(current), "revision": current.revision}
+            )
             return True
 
         return self.db.write(tx)

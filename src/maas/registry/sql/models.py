@@ -6,12 +6,25 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from maas.errors import Conflict, NotFound
+from maas.registry.audit import record
 from maas.registry.entities import AliasEvent, Lineage, ModelVersion, RegisteredModel, ServingTarget
 from maas.registry.schema import AliasEventRow, AliasRow, ModelRow, VersionRow
 from maas.registry.sql.engine import Database, now
 from maas.registry.sql.rows import aliases, model_row, move_alias, to_event, to_model, to_version, version_row
 from maas.registry.store import MetadataStore
 from maas.tensors import Signature
+
+
+def _facts(mv: ModelVersion) -> dict[str, object]:
+    return {"digest": mv.artifact_digest, "format": mv.format, "size": mv.artifact_size, "aliases": list(mv.aliases)}
+
+
+def _record_alias(s: Session, action: str, event: AliasEvent, actor: str | None) -> AliasEvent:
+    """Audit an alias move (``before``/``after``: the version it pointed at, None when absent)."""
+    before = {"version": event.from_version} if event.from_version is not None else None
+    after = {"version": event.to_version} if event.to_version is not None else None
+    record(s, action, f"models:/{event.name}@{event.alias}", before=before, after=after, actor=actor)
+    return event
 
 
 class SqlModelStore(MetadataStore):
@@ -63,8 +76,11 @@ class SqlModelStore(MetadataStore):
             )
             s.add(row)
             s.flush()
-            if alias is not None:
-                move_alias(s, model, alias, row.version, "set", lineage.creator)
+            event = move_alias(s, model, alias, row.version, "set", lineage.creator) if alias is not None else None
+            uri = f"models:/{name}/{row.version}"
+            record(s, "model.register", uri, after={"digest": digest, "format": format, "size": size, "alias": alias})
+            if event is not None:
+                _record_alias(s, "alias.set", event, None)
             return to_version(model, row, aliases(s, model.id))
 
         return self.db.write(tx)
@@ -81,12 +97,20 @@ class SqlModelStore(MetadataStore):
         def tx(s: Session) -> ModelVersion:
             model = model_row(s, name)
             row = version_row(s, model, version)
+            before = {"description": row.description, "tags": dict(row.tags or {}), "metrics": dict(row.metrics or {})}
             if description is not None:
                 row.description = description
             if tags:
                 row.tags = {**row.tags, **tags}
             if metrics:
                 row.metrics = {**row.metrics, **metrics}
+            after = {"description": row.description, "tags": dict(row.tags), "metrics": dict(row.metrics)}
+            changed = [k for k in before if before[k] != after[k]]
+            if changed:
+                uri = f"models:/{name}/{version}"
+                record(
+                    s, "model.update", uri, before={k: before[k] for k in changed}, after={k: after[k] for k in changed}
+                )
             return to_version(model, row, aliases(s, model.id))
 
         return self.db.write(tx)
@@ -132,14 +156,16 @@ class SqlModelStore(MetadataStore):
                     f"(`maas models alias set {name} {pointing[0]} VERSION`) or pass --force to delete them too"
                 )
             entity = to_version(model, row, model_aliases)
-            for a in pointing:
-                move_alias(s, model, a, None, "delete", actor)
+            events = [move_alias(s, model, a, None, "delete", actor) for a in pointing]
             s.delete(row)
             s.flush()
             still_used = (
                 s.scalar(select(func.count(VersionRow.id)).where(VersionRow.artifact_digest == row.artifact_digest))
                 or 0
             ) > 0
+            for event in events:
+                _record_alias(s, "alias.delete", event, actor)
+            record(s, "model.delete_version", entity.uri, before=_facts(entity), actor=actor)
             return entity, still_used
 
         return self.db.write(tx)
@@ -148,11 +174,14 @@ class SqlModelStore(MetadataStore):
         def tx(s: Session) -> list[str]:
             model = model_row(s, name, lock=True)
             digests = set(s.scalars(select(VersionRow.artifact_digest).where(VersionRow.model_id == model.id)))
+            versions = sorted(s.scalars(select(VersionRow.version).where(VersionRow.model_id == model.id)))
+            before = {"versions": versions, "aliases": aliases(s, model.id)}
             for table in (AliasEventRow, AliasRow, VersionRow):
                 s.execute(delete(table).where(table.model_id == model.id))
             s.delete(model)
             s.flush()
             used = set(s.scalars(select(VersionRow.artifact_digest).where(VersionRow.artifact_digest.in_(digests))))
+            record(s, "model.delete", f"models:/{name}", before=before)
             return sorted(digests - used)
 
         return self.db.write(tx)
@@ -166,14 +195,14 @@ class SqlModelStore(MetadataStore):
         def tx(s: Session) -> AliasEvent:
             model = model_row(s, name, lock=True)
             version_row(s, model, version)
-            return move_alias(s, model, alias, version, "set", actor)
+            return _record_alias(s, "alias.set", move_alias(s, model, alias, version, "set", actor), actor)
 
         return self.db.write(tx)
 
     def delete_alias(self, name: str, alias: str, *, actor: str | None) -> AliasEvent:
         def tx(s: Session) -> AliasEvent:
             model = model_row(s, name, lock=True)
-            return move_alias(s, model, alias, None, "delete", actor)
+            return _record_alias(s, "alias.delete", move_alias(s, model, alias, None, "delete", actor), actor)
 
         return self.db.write(tx)
 
@@ -212,7 +241,8 @@ class SqlModelStore(MetadataStore):
                 if not events:
                     raise NotFound(f"model {name!r} has no alias {alias!r} to roll back")
                 raise Conflict(f"alias {alias!r} of {name!r} has no earlier version to roll back to")
-            return move_alias(s, model, alias, stack[-1], "rollback", actor)
+            event = move_alias(s, model, alias, stack[-1], "rollback", actor)
+            return _record_alias(s, "alias.rollback", event, actor)
 
         return self.db.write(tx)
 
