@@ -16,6 +16,7 @@ BENCHMARKS = {
     "training": "training:run",
     "compression": "compression:run",
     "llm": "llm:run",
+    "artifact_encryption": "artifact_encryption:run",
 }
 
 

@@ -7,6 +7,14 @@ place, so a reader never sees a partial file. The registry commits the database 
 What a crash does leave (a temporary upload, a scratch folder, an artifact stored but never
 referenced) stays findable: temporaries live in the store's ``tmp/``, each locked by the process using
 it (:mod:`maas.registry.inuse`), and ``maas gc`` removes them once no process holds them.
+
+With a key (``MAAS_ARTIFACT_KEY_FILE``), artifacts are written encrypted (:mod:`maas.registry.encryption`); the
+digest stays the sha256 of the plaintext, and a store with a key still reads the plaintext artifacts it holds from
+before (told apart by the encrypted format's magic bytes). A runtime loads from a plaintext copy that
+:meth:`LocalArtifactStore.fetch` decrypts, on every verified load, into a private folder outside the store
+(``MAAS_HOME/cache/decrypted``, 0700; copies read-only to their owner), replacing the copy atomically only once the
+plaintext's digest matched. A copy is removed with its artifact (a deleted version, ``maas gc``); scratch folders
+and decryptions in progress live there too (its ``tmp/``), so no plaintext is ever written under the store.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from maas.errors import InvalidInput
-from maas.registry import inuse
+from maas.errors import ArtifactIntegrityError, InvalidInput
+from maas.registry import encryption, inuse
+from maas.registry.encryption import ArtifactKey, ArtifactKeyError
 
 _CHUNK = 1 << 20
 
@@ -45,6 +54,18 @@ STALE_TEMPORARY_S = 3600.0
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+class ArtifactMissing(ArtifactIntegrityError):
+    """The store holds no file for the digest."""
+
+
+class DigestMismatch(ArtifactIntegrityError):
+    """The stored content's sha256 is not the digest it is stored under."""
+
+    def __init__(self, actual: str) -> None:
+        super().__init__(f"its content's digest is {actual}")
+        self.actual = actual
+
+
 @dataclass(frozen=True)
 class Temporary:
     """A file or folder in the store's temporary area."""
@@ -62,11 +83,19 @@ class ArtifactStore(Protocol):
         ...
 
     def local_path(self, digest: str) -> Path:
-        """A local file holding the artifact (it may not exist, or may be corrupt: see :meth:`check`)."""
+        """Where the artifact's stored bytes are (encrypted, if it was stored so); it may not exist, or may be
+        corrupt: see :meth:`check`."""
+        ...
+
+    def fetch(self, digest: str, *, verify: bool = True) -> Path:
+        """A local file with the artifact's content, for a runtime to load; with ``verify``, that content's sha256 is
+        checked first. Raises :class:`ArtifactMissing`, :class:`DigestMismatch`, ``ArtifactIntegrityError`` (encrypted
+        bytes that fail authentication) or ``ArtifactKeyError`` (encrypted with a key this store does not have)."""
         ...
 
     def check(self, digest: str) -> str | None:
-        """The actual digest of the stored bytes, or None when the artifact is missing."""
+        """The actual digest of the artifact's content, or None when it is missing or cannot be read back
+        (encrypted bytes that fail authentication, or encrypted with another key)."""
         ...
 
     def delete(self, digest: str) -> None: ...
@@ -96,11 +125,17 @@ class ArtifactStore(Protocol):
 
 
 class LocalArtifactStore:
-    """Artifacts as files under ``root/sha256/<2 hex>/<64 hex>``."""
+    """Artifacts as files under ``root/sha256/<2 hex>/<64 hex>``, encrypted with ``key`` when one is given.
 
-    def __init__(self, root: Path) -> None:
+    ``decrypted`` (default: ``root/../cache/decrypted``) holds the plaintext copies of encrypted artifacts, under
+    the same layout, and, with a key, the scratch folders."""
+
+    def __init__(self, root: Path, *, key: ArtifactKey | None = None, decrypted: Path | None = None) -> None:
         self.root = root
+        self.key = key
+        self.decrypted = decrypted if decrypted is not None else root.parent / "cache" / "decrypted"
         self._tmp = root / "tmp"
+        self._private_tmp = self.decrypted / "tmp"
         self._clear_stale_temporaries()
 
     @contextlib.contextmanager
@@ -115,7 +150,7 @@ class LocalArtifactStore:
 
     def _clear_stale_temporaries(self) -> None:
         """Remove the old temporaries of dead processes, when no one holds the guard (never waiting for it)."""
-        if not self._tmp.is_dir():
+        if not self._tmp.is_dir() and not self._private_tmp.is_dir():
             return
         cutoff = time.time() - STALE_TEMPORARY_S
         with contextlib.suppress(OSError), (self.root / ".lock").open("a") as fh:
@@ -130,10 +165,12 @@ class LocalArtifactStore:
 
     @contextlib.contextmanager
     def scratch(self) -> Iterator[Path]:
-        self._tmp.mkdir(parents=True, exist_ok=True)
+        # What is prepared here is plaintext: with a key, it goes to the private folder, never under the store.
+        where = self._private() if self.key is not None else self._tmp
+        where.mkdir(parents=True, exist_ok=True)
         # Created and locked under the shared guard: a collector (exclusive guard) never sees it unlocked.
         with self.guard(exclusive=False):
-            path = Path(tempfile.mkdtemp(dir=self._tmp, prefix="scratch-"))
+            path = Path(tempfile.mkdtemp(dir=where, prefix="scratch-"))
             fd = inuse.hold(path)
         try:
             yield path
@@ -156,23 +193,30 @@ class LocalArtifactStore:
         )
 
     def temporaries(self) -> list[Temporary]:
-        if not self._tmp.is_dir():
-            return []
+        """Uploads and scratch folders in ``tmp/``, and scratch folders and decryptions in the private ``tmp/``."""
+        found = [p for where in (self._tmp, self._private_tmp) if where.is_dir() for p in where.iterdir()]
         return [
             Temporary(p, "upload" if p.name.startswith("upload-") else "scratch", inuse.is_held(p))
-            for p in sorted(self._tmp.iterdir())
+            for p in sorted(found)
         ]
 
     def remove_temporary(self, path: Path) -> bool:
-        if path.parent != self._tmp:
+        if path.parent not in (self._tmp, self._private_tmp):
             raise InvalidInput(f"{path} is not in the artifact store's temporary folder {self._tmp}")
         return inuse.remove_unless_held(path)
 
-    def _path(self, digest: str) -> Path:
+    def _path(self, digest: str, base: Path | None = None) -> Path:
         algo, _, hexdigest = digest.partition(":")
         if algo != "sha256" or len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
             raise InvalidInput(f"malformed artifact digest {digest!r}")
-        return self.root / "sha256" / hexdigest[:2] / hexdigest
+        return (base or self.root) / "sha256" / hexdigest[:2] / hexdigest
+
+    def _private(self) -> Path:
+        """The private ``tmp/`` of plaintext, created 0700 (as is the folder it is in)."""
+        self.decrypted.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.decrypted, 0o700)  # whatever made it before
+        self._private_tmp.mkdir(mode=0o700, exist_ok=True)
+        return self._private_tmp
 
     def put(self, source: Path) -> tuple[str, int]:
         if not source.is_file():
@@ -192,18 +236,13 @@ class LocalArtifactStore:
                     raise
 
     def _write(self, source: Path, out: BinaryIO, tmp: Path) -> tuple[str, int]:
-        h = hashlib.sha256()
-        size = 0
         with source.open("rb") as src:
-            while chunk := src.read(_CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
+            digest, size = _copy(src, out) if self.key is None else encryption.encrypt(src, out, self.key)
         out.flush()
         os.fsync(out.fileno())
-        digest = "sha256:" + h.hexdigest()
         final = self._path(digest)
-        if final.exists() and self.check(digest) == digest:
+        # Kept when intact and stored as this store stores (so registering again with a key encrypts an old one).
+        if final.exists() and _encrypted(final) == (self.key is not None) and self.check(digest) == digest:
             tmp.unlink()
             return digest, size
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -215,15 +254,76 @@ class LocalArtifactStore:
     def local_path(self, digest: str) -> Path:
         return self._path(digest)
 
+    def fetch(self, digest: str, *, verify: bool = True) -> Path:
+        path = self._path(digest)
+        if not path.is_file():
+            if verify:
+                raise ArtifactMissing(f"{digest} is missing from the artifact store")
+            return path
+        if not _encrypted(path):
+            if verify and (actual := sha256_file(path)) != digest:
+                raise DigestMismatch(actual)
+            return path
+        copy = self._path(digest, self.decrypted)
+        if not verify and copy.is_file():
+            return copy
+        return self._decrypt(path, digest, copy)
+
+    def _decrypt(self, path: Path, digest: str, copy: Path) -> Path:
+        """Decrypt ``path`` into ``copy`` (replaced only once the plaintext's digest is ``digest``)."""
+        where = self._private()
+        with self.guard(exclusive=False):  # created and locked before a collector can see it
+            fd, name = tempfile.mkstemp(dir=where, prefix="decrypt-")  # 0600
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with path.open("rb") as src:
+                    actual, _ = encryption.decrypt(src, self.key, out)
+                if actual != digest:
+                    raise DigestMismatch(actual)
+                out.flush()  # not fsynced: a copy, made again from the store when lost
+                os.chmod(tmp, 0o400)
+                for folder in reversed(copy.relative_to(self.decrypted).parents[:-1]):
+                    (self.decrypted / folder).mkdir(mode=0o700, exist_ok=True)
+                os.replace(tmp, copy)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return copy
+
     def check(self, digest: str) -> str | None:
         path = self._path(digest)
         if not path.is_file():
             return None
-        return sha256_file(path)
+        if not _encrypted(path):
+            return sha256_file(path)
+        try:
+            with path.open("rb") as src:
+                return encryption.decrypt(src, self.key)[0]
+        except (ArtifactIntegrityError, ArtifactKeyError):
+            return None
 
     def delete(self, digest: str) -> None:
-        path = self._path(digest)
-        path.unlink(missing_ok=True)
+        self._path(digest).unlink(missing_ok=True)
+        self._path(digest, self.decrypted).unlink(missing_ok=True)
+
+
+def _copy(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
+    h = hashlib.sha256()
+    size = 0
+    while chunk := src.read(_CHUNK):
+        h.update(chunk)
+        out.write(chunk)
+        size += len(chunk)
+    return "sha256:" + h.hexdigest(), size
+
+
+def _encrypted(path: Path) -> bool:
+    try:
+        return encryption.is_encrypted(path)
+    except FileNotFoundError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,7 +8,8 @@
   extracted folders (``cache/hf/<hex>-<size>``) of artifacts no version references;
 - GGUF conversions (``cache/causal_lm/<hex>``) of artifacts no version references, their lock files, conversions
   a dead process left (``.convert-*``, untouched for :data:`EXTRACTION_GRACE_S`) and folders set aside
-  (``.discard-*``).
+  (``.discard-*``);
+- plaintext copies of encrypted artifacts (``cache/decrypted/sha256/<2>/<hex>``) no version references.
 
 Everything is decided and removed under the artifact store's exclusive guard. A registration holds the
 guard (shared) from storing its artifact until its version row is committed, and creates and locks its
@@ -43,6 +44,8 @@ EXTRACTION_GRACE_S = 3600.0
 _CACHE_NAME = re.compile(r"([0-9a-f]{64})-[0-9]+")
 #: How ``maas.runtimes.causal_lm.gguf_cache`` names a GGUF's conversion (and its lock file): the GGUF's sha256 hex.
 _CONVERTED_NAME = re.compile(r"\.?([0-9a-f]{64})(?:\.lock)?")
+#: The name of a decrypted copy of an artifact: its sha256 hex (``cache/decrypted/sha256/<2>/<hex>``).
+_HEX = re.compile(r"[0-9a-f]{64}")
 #: A cache folder renamed for removal; only a collector (holding the exclusive guard) makes these.
 _DOOMED = ".gc-"
 
@@ -121,7 +124,21 @@ def _scan(store: MetadataStore, artifacts: ArtifactStore, home: Path) -> tuple[l
             elif (m := _CONVERTED_NAME.fullmatch(name)) and f"sha256:{m[1]}" not in referenced:
                 remove = _rmtree if name.startswith(".") else _remove_cache
                 found.append(_Found(_debris("cache", entry, home, now), functools.partial(remove, entry)))
+    decrypted = home / "cache" / "decrypted" / "sha256"
+    if decrypted.is_dir():
+        for entry in sorted(p for folder in decrypted.iterdir() if folder.is_dir() for p in folder.iterdir()):
+            if _HEX.fullmatch(entry.name) and f"sha256:{entry.name}" not in referenced:
+                found.append(_Found(_debris("cache", entry, home, now), functools.partial(_unlink, entry)))
     return found, in_use
+
+
+def _unlink(path: Path) -> bool:
+    """Remove a plaintext copy of an encrypted artifact that no version uses (a copy, read-only to its owner)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _deleter(artifacts: ArtifactStore, digest: str) -> Callable[[], bool]:

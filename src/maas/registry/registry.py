@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import getpass
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from maas import envs
 from maas.errors import ArtifactIntegrityError, InvalidInput, NotFound
-from maas.registry import debris
-from maas.registry.artifacts import ArtifactStore, LocalArtifactStore
+from maas.registry import debris, encryption
+from maas.registry.artifacts import ArtifactMissing, ArtifactStore, DigestMismatch, LocalArtifactStore
+from maas.registry.audit import current_audit_context
 from maas.registry.deployments import DeploymentMethods
 from maas.registry.deprecated import DeprecatedRunMethods
 from maas.registry.entities import (
@@ -35,14 +35,9 @@ DEFAULT_ALIAS = "production"
 
 
 def _actor(actor: str | None) -> str | None:
-    if actor:
-        return actor
-    if envs.MAAS_USER:
-        return str(envs.MAAS_USER)
-    try:
-        return getpass.getuser()
-    except Exception:
-        return None
+    """``actor``, else the current audit context's (a server's key, or the local user): alias history and the audit
+    log name the same actor."""
+    return actor or current_audit_context().actor
 
 
 def _metrics(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -76,7 +71,9 @@ class Registry(DeploymentMethods, DeprecatedRunMethods):
             self.home.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{self.home / 'maas.db'}"
         self.store: MetadataStore = open_store(url, busy_timeout_s=float(envs.MAAS_DB_BUSY_TIMEOUT_S))
-        self.artifacts: ArtifactStore = artifacts or LocalArtifactStore(self.home / "artifacts")
+        self.artifacts: ArtifactStore = artifacts or LocalArtifactStore(
+            self.home / "artifacts", key=encryption.key_from_env(), decrypted=self.home / "cache" / "decrypted"
+        )
         #: Training runs: create, log to and read them here (``registry.runs.create_run(...)``).
         self.runs: RunStore = self.store.runs
 
@@ -244,24 +241,31 @@ class Registry(DeploymentMethods, DeprecatedRunMethods):
     # --- artifacts -----------------------------------------------------------------------------
 
     def artifact_path(self, version: ModelVersion, *, verify: bool = True) -> Path:
-        """A local path to the version's artifact, its sha256 checked again unless ``verify`` is False.
+        """A local path to the version's artifact (a decrypted copy, when it is stored encrypted), its sha256
+        checked again unless ``verify`` is False.
 
         Raises ``ArtifactIntegrityError`` naming the version and both digests when the file is
-        missing or its bytes changed.
+        missing or its bytes changed, and ``ArtifactKeyError`` when it is encrypted with a key not configured.
         """
-        if verify:
-            actual = self.artifacts.check(version.artifact_digest)
-            if actual is None:
-                raise ArtifactIntegrityError(
-                    f"{version.uri}: artifact {version.artifact_digest} is missing from the artifact store; "
-                    "restore the file or register the model again"
-                )
-            if actual != version.artifact_digest:
-                raise ArtifactIntegrityError(
-                    f"{version.uri}: artifact digest mismatch: expected {version.artifact_digest}, actual {actual}; "
-                    "the stored file is corrupted: restore it or register the model again"
-                )
-        return self.artifacts.local_path(version.artifact_digest)
+        digest = version.artifact_digest
+        try:
+            return self.artifacts.fetch(digest, verify=verify)
+        except ArtifactMissing:
+            raise ArtifactIntegrityError(
+                f"{version.uri}: artifact {digest} is missing from the artifact store; "
+                "restore the file or register the model again"
+            ) from None
+        except DigestMismatch as exc:
+            raise ArtifactIntegrityError(
+                f"{version.uri}: artifact digest mismatch: expected {digest}, actual {exc.actual}; "
+                "the stored file is corrupted: restore it or register the model again"
+            ) from None
+        except ArtifactIntegrityError as exc:
+            raise ArtifactIntegrityError(
+                f"{version.uri}: artifact {digest} {exc}; restore the file or register the model again"
+            ) from None
+        except encryption.ArtifactKeyError as exc:
+            raise encryption.ArtifactKeyError(f"{version.uri}: artifact {digest} {exc}") from None
 
     def verify(self, name: str | None = None) -> VerifyReport:
         """Re-check the digests of every version (of one model, or of all), and list the debris in the
@@ -273,7 +277,7 @@ class Registry(DeploymentMethods, DeprecatedRunMethods):
                 try:
                     self.artifact_path(mv)
                     results.append(VerifyResult(n, mv.version, True, mv.artifact_digest, mv.artifact_digest))
-                except ArtifactIntegrityError as exc:
+                except (ArtifactIntegrityError, encryption.ArtifactKeyError) as exc:
                     actual = self.artifacts.check(mv.artifact_digest)
                     results.append(VerifyResult(n, mv.version, False, mv.artifact_digest, actual, str(exc)))
         return VerifyReport(tuple(results), tuple(debris.find(self.store, self.artifacts, self.home)))
