@@ -11,11 +11,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import time
 import urllib.parse
 from collections.abc import Generator, Iterator
 from typing import Any
 
+from maas import envs
 from maas.errors import InvalidInput, MaasError, NotFound, RateLimited, Unauthorized, Unavailable
 
 #: Seconds a request waits for the socket (connecting, then between two reads of a stream).
@@ -61,7 +63,9 @@ class ChatClient:
     def _connection(self) -> http.client.HTTPConnection:
         port = self.url.port
         if self.url.scheme == "https":
-            return http.client.HTTPSConnection(self.url.hostname or "", port, timeout=self.timeout)
+            return http.client.HTTPSConnection(
+                self.url.hostname or "", port, timeout=self.timeout, context=tls_context()
+            )
         return http.client.HTTPConnection(self.url.hostname or "", port, timeout=self.timeout)
 
     def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -113,6 +117,18 @@ class ChatClient:
             raise Unreachable(f"the connection to {self.shown} broke during the answer ({_reason(exc)})") from None
         finally:
             conn.close()
+
+
+def tls_context() -> ssl.SSLContext:
+    """What an https URL is checked against: the system's trusted CAs, or the PEM bundle MAAS_SSL_CA_FILE names."""
+    cafile = envs.MAAS_SSL_CA_FILE
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(
+            f"MAAS_SSL_CA_FILE={cafile} cannot be used as a CA bundle ({getattr(exc, 'strerror', None) or exc}); "
+            "point it at a readable PEM file of the certificates to trust"
+        ) from None
 
 
 def _deltas(response: http.client.HTTPResponse) -> Iterator[str]:
@@ -168,4 +184,6 @@ def _reason(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, socket.gaierror):
         return "unknown host"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"{exc.verify_message}; to trust the server's CA, set MAAS_SSL_CA_FILE to its PEM file"
     return str(exc) or type(exc).__name__

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import typer
 
 from maas import envs
+
+if TYPE_CHECKING:
+    from maas.serving.settings import ServerSettings
 
 
 def serve(
@@ -20,6 +24,20 @@ def serve(
     workers: int = typer.Option(
         None, "--workers", "-w", min=1, help="Server processes on the same ports (default 1; MAAS_WORKERS)."
     ),
+    ssl_certfile: str = typer.Option(
+        None, "--ssl-certfile", help="PEM certificate chain: serve REST and gRPC over TLS (MAAS_SSL_CERTFILE)."
+    ),
+    ssl_keyfile: str = typer.Option(
+        None, "--ssl-keyfile", help="PEM private key of --ssl-certfile, unencrypted (MAAS_SSL_KEYFILE)."
+    ),
+    auth: str = typer.Option(
+        None, "--auth", help="API keys: auto (required off loopback), required or disabled (MAAS_AUTH)."
+    ),
+    allow_unauthenticated: bool = typer.Option(
+        False,
+        "--allow-unauthenticated",
+        help="Serve a non-loopback address with --auth disabled: a proxy in front does the auth.",
+    ),
 ) -> None:
     """Serve registered models over the Open Inference Protocol v2 (REST); Ctrl-C stops."""
     from maas.cli.output import console
@@ -28,15 +46,27 @@ def serve(
     level = (log_level or str(envs.MAAS_LOG_LEVEL or "info")).lower()
     logging.getLogger("maas").setLevel(level.upper())
     settings = ServerSettings.from_env(
-        host=host, port=port, grpc_port=grpc_port, workers=workers, models=model or None, device=device
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        workers=workers,
+        models=model or None,
+        device=device,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        auth=auth.strip().lower() if auth else None,
+        allow_unauthenticated=allow_unauthenticated or None,
     )
     if no_grpc:
         settings = settings.model_copy(update={"grpc_port": None})
+    tls = settings.tls() is not None  # checked before anything binds: a bad pair is an error here, not in a worker
+    keys = _access(settings, tls)
     processes = settings.workers
 
     def where(s: ServerSettings) -> str:
-        grpc = f" and [bold]grpc://{s.host}:{s.grpc_port}[/]" if s.grpc_port is not None else ""
-        return f"[bold]http://{s.host}:{s.port}[/]{grpc}"
+        scheme = "s" if tls else ""
+        grpc = f" and [bold]grpc{scheme}://{s.host}:{s.grpc_port}[/]" if s.grpc_port is not None else ""
+        return f"[bold]http{scheme}://{s.host}:{s.port}[/]{grpc}{', API keys required' if keys else ''}"
 
     if processes > 1:
         from maas.serving.workers import Supervisor
@@ -54,3 +84,23 @@ def serve(
     app = create_app(settings)
     console.print(f"maas serving on {where(settings)} (registry: {envs.MAAS_HOME})")
     uvicorn.run(app, host=settings.host, port=settings.port, **server_options(settings, level))
+
+
+def _access(settings: ServerSettings, tls: bool) -> bool:
+    """Whether the server will require keys; refuses a non-loopback bind without auth unless allowed, and records the
+    access settings in the audit log when they changed at this address."""
+    from maas.access.keys import database_of
+    from maas.access.server_settings import record_server_settings
+    from maas.registry import Registry
+    from maas.serving.access.mode import auth_required
+
+    required = auth_required(settings.auth, settings.host, allow_unauthenticated=settings.allow_unauthenticated)
+    values = {
+        "auth": settings.auth,
+        "keys_required": required,
+        "allow_unauthenticated": settings.allow_unauthenticated,
+        "tls": tls,
+        "grpc": settings.grpc_port is not None,
+    }
+    record_server_settings(database_of(Registry()), f"{settings.host}:{settings.port}", values)
+    return required

@@ -11,6 +11,7 @@ from typing import Any
 
 from maas.registry import Registry
 from maas.serving import memory
+from maas.serving.access.control import AccessControl
 from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine
 from maas.serving.llm.engines import Generators
@@ -34,6 +35,8 @@ class ServingContext:
     engine: Engine
     #: Language models' generation engines, one per loaded version (continuous batching).
     generators: Generators
+    #: Keys, limits and metering of every request, REST and gRPC.
+    access: AccessControl
     #: Request bytes in flight, REST and gRPC together (MAAS_MAX_INFLIGHT_BYTES).
     inflight: InflightBytes = field(default_factory=lambda: InflightBytes(0))
     grpc_server: Any = None
@@ -54,13 +57,21 @@ class ServingContext:
         engine = Engine(manager, metrics, executor, settings)
         generators = Generators(settings, metrics, manager)
         inflight = InflightBytes(settings.max_inflight_bytes)
-        return cls(settings, registry, metrics, manager, executor, engine, generators, inflight)
+        access = AccessControl(
+            registry,
+            mode=settings.auth,
+            host=settings.host,
+            allow_unauthenticated=settings.allow_unauthenticated,
+            metrics=metrics.keys,
+        )
+        return cls(settings, registry, metrics, manager, executor, engine, generators, access, inflight)
 
     async def start(self) -> None:
         """Start following the registry (models load in the background) and the gRPC endpoint, if configured."""
         memory.tune_allocator()
         memory.freeze_heap()
         self.manager.start()
+        await self.access.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if self.settings.grpc_port is not None:
             from maas.serving.grpc.server import MIN_IDLE_TIMEOUT_S, start_grpc
@@ -76,6 +87,8 @@ class ServingContext:
                 header_timeout_s=self.settings.header_timeout_s,
                 body_timeout_s=self.settings.body_timeout_s,
                 idle_timeout_s=max(self.settings.keepalive_timeout_s, MIN_IDLE_TIMEOUT_S),
+                tls=self.settings.tls(),
+                access=self.access,
             )
 
     async def _sweep(self) -> None:
@@ -91,5 +104,6 @@ class ServingContext:
             await self.grpc_server.stop(grace=2)
         await self.generators.close()
         await self.engine.close()
+        await self.access.stop()
         self.manager.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -52,11 +52,13 @@ class WorkerSpec(BaseModel):
 
 
 def server_options(settings: ServerSettings, log_level: str) -> dict[str, Any]:
-    """uvicorn's options for one server process (single or worker): connection bounds, keep-alive, shutdown."""
+    """uvicorn's options for one server process (single or worker): connection bounds, keep-alive, shutdown, TLS."""
     return {
         "log_level": log_level,
         "access_log": False,
         "timeout_graceful_shutdown": 5,
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
         **uvicorn_options(settings),
     }
 
@@ -99,12 +101,14 @@ def die_with(supervisor_pid: int) -> None:
 
 
 class WorkerServer(uvicorn.Server):
-    """uvicorn's server, joining the shared port when told to, and never stopping abruptly on its own."""
+    """uvicorn's server on the private control socket, joining the shared port (at once, or once ready when told
+    to), and never stopping abruptly on its own. The shared port speaks TLS when configured; the control socket,
+    which only the supervisor reaches, never does."""
 
-    def __init__(self, config: uvicorn.Config, spec: WorkerSpec, pending: list[socket.socket]) -> None:
+    def __init__(self, config: uvicorn.Config, spec: WorkerSpec, shared: list[socket.socket]) -> None:
         super().__init__(config)
         self.spec = spec
-        self.pending = pending  # shared-port sockets to listen on once ready
+        self.shared = shared  # the shared port's sockets, to listen on
         self._joining: asyncio.Task[None] | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -113,8 +117,14 @@ class WorkerServer(uvicorn.Server):
         self.should_exit = True
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if self.pending:
+        tls, self.config.ssl = self.config.ssl, None  # uvicorn would wrap every socket it is given
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            self.config.ssl = tls
+        if not self.spec.join_when_ready:
+            await self._join()
+        elif self.shared:
             self._joining = asyncio.create_task(self._join_when_ready())
 
     async def _join_when_ready(self) -> None:
@@ -126,9 +136,16 @@ class WorkerServer(uvicorn.Server):
             await asyncio.sleep(0.1)
         else:
             return
-        for sock in self.pending:
-            self.servers.append(await loop.create_server(self._protocol, sock=sock, backlog=self.config.backlog))
+        await self._join()
         log.info("worker %d (pid %d) ready; joined port %d", self.spec.index, os.getpid(), self.spec.settings.port)
+
+    async def _join(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sock in self.shared:
+            server = await loop.create_server(
+                self._protocol, sock=sock, ssl=self.config.ssl, backlog=self.config.backlog
+            )
+            self.servers.append(server)
 
     def _protocol(self, _loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Protocol:
         # The factory uvicorn's own startup() builds for the sockets it is given.
@@ -149,8 +166,8 @@ def run_worker(spec: WorkerSpec) -> int:
         config = uvicorn.Config(
             tag_responses(create_app(settings), spec.index), **server_options(settings, spec.log_level)
         )
-        server = WorkerServer(config, spec, shared if spec.join_when_ready else [])
-        server.run(sockets=[control] if spec.join_when_ready else [control, *shared])
+        server = WorkerServer(config, spec, shared)
+        server.run(sockets=[control])
     finally:
         for sock in [control, *shared]:
             sock.close()

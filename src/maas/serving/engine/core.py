@@ -28,6 +28,7 @@ from maas.registry import validate_name
 from maas.registry.uri import parse_version
 from maas.runtimes.base import Runtime, batches_rows, cost_bounded
 from maas.serving import memory
+from maas.serving.access.context import current_meter, meter_model, require_model
 from maas.serving.engine.scheduler import BatchPolicy, Scheduler
 from maas.serving.engine.types import InferRequest, InferResponse
 from maas.serving.errors import public_message
@@ -94,6 +95,7 @@ class Engine:
 
     async def model_ready(self, name: str, version: str | None) -> tuple[bool, str]:
         validate_name(name)
+        require_model(name)
         if version is not None:
             parse_version(version)
         result: tuple[bool, str] = await self._thread(self.manager.model_ready, name, version)
@@ -101,6 +103,7 @@ class Engine:
 
     async def model_metadata(self, name: str, version: str | None) -> ModelMetadata:
         validate_name(name)
+        require_model(name)
 
         def work() -> ModelMetadata:
             reg = self.manager.registry
@@ -126,7 +129,9 @@ class Engine:
 
     async def acquire(self, name: str, version: str | None) -> LoadedModel:
         """The loaded version a request for ``name`` (and ``version``) runs on. In memory once loaded; otherwise
-        the registry is asked in a thread, and a load in progress is waited for up to ``load_wait_s`` (then 503)."""
+        the registry is asked in a thread, and a load in progress is waited for up to ``load_wait_s`` (then 503).
+        A model the request's principal may not use is missing (404), whether it exists or not."""
+        require_model(name)
         loaded = self.manager.find(name, version)
         if loaded is not None:
             return loaded
@@ -156,6 +161,7 @@ class Engine:
             if version is not None:
                 parse_version(version)
             loaded = await self.acquire(name, version)
+            meter_model(loaded.name, loaded.version)  # known now, even if the request fails to decode
             label_name, label_version = loaded.name, str(loaded.version)
             signature = loaded.version_info.signature
             if heavy:
@@ -179,7 +185,16 @@ class Engine:
 
     async def _run(self, loaded: LoadedModel, request: InferRequest) -> dict[str, np.ndarray]:
         scheduler = self.scheduler(loaded)
-        outputs = await scheduler.submit(request.inputs, request.outputs, alone=self._inflight == 1)
+        meter = current_meter()
+        if meter is not None:
+            meter.model, meter.version = loaded.name, loaded.version
+            meter.items += _rows(request.inputs)
+        started = time.perf_counter()
+        try:
+            outputs = await scheduler.submit(request.inputs, request.outputs, alone=self._inflight == 1)
+        finally:
+            if meter is not None:
+                meter.compute_s += time.perf_counter() - started
         self.limits.check_outputs(loaded.version_info.uri, outputs)
         return outputs
 
@@ -241,6 +256,13 @@ class Engine:
             self._heavy -= 1
             # malloc_trim walks the heap; off the loop (ctypes releases the GIL meanwhile)
             asyncio.get_running_loop().run_in_executor(None, memory.trim)
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int:
+    """The rows (batch items) of a request: its first input's leading dimension, 1 for a scalar."""
+    for array in inputs.values():
+        return int(array.shape[0]) if array.ndim else 1
+    return 0
 
 
 def triton_config(meta: ModelMetadata, deployment: Any) -> dict[str, Any]:

@@ -27,10 +27,12 @@ from google.protobuf.message import DecodeError
 
 from maas.errors import InvalidInput, MaasError, RateLimited, RequestTimeout, Unavailable
 from maas.serving import memory
+from maas.serving.access.control import AccessControl
 from maas.serving.budget import InflightBytes
 from maas.serving.engine.core import Engine
 from maas.serving.errors import public_message
 from maas.serving.grpc import codec, model_config
+from maas.serving.grpc.access import OPEN_METHODS, guarded
 from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
 from maas.serving.limits import payload_bytes
 from maas.serving.settings import ServerSettings
@@ -117,9 +119,11 @@ class InferenceServicer:
     """The RPCs of the service: the OIP's six and Triton's ``ModelConfig``. Each reads its request's serialized bytes
     through ``intake`` and parses them itself."""
 
-    def __init__(self, engine: Engine, intake: Intake) -> None:
+    def __init__(self, engine: Engine, intake: Intake, access: AccessControl | None = None) -> None:
         self.engine = engine
         self.intake = intake
+        #: Keys, limits and metering (None: every call acts as the local principal, as with auth off).
+        self.access = access
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """The method handlers of the service, by method name. They are stream-unary handlers, which on the wire
@@ -144,7 +148,9 @@ class InferenceServicer:
         self, method: str, work: Callable[[bytes], Awaitable[T]]
     ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[T]]:
         async def handle(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> T:
-            return await _answer(context, method, self._serve(context, work))
+            if self.access is None or method in OPEN_METHODS:
+                return await _answer(context, method, self._serve(context, work))
+            return await _answer(context, method, guarded(self.access, context, self._serve(context, work)))
 
         return handle
 
@@ -213,6 +219,8 @@ async def start_grpc(
     header_timeout_s: float = _DEFAULTS.header_timeout_s,
     body_timeout_s: float = _DEFAULTS.body_timeout_s,
     idle_timeout_s: float = MIN_IDLE_TIMEOUT_S,
+    tls: tuple[bytes, bytes] | None = None,
+    access: AccessControl | None = None,
 ) -> grpc.aio.Server:
     """Serve ``inference.GRPCInferenceService`` on ``host:port`` and return the started server; stop it with
     ``await server.stop(grace_s)``. Raises :class:`OSError` when the address cannot be bound.
@@ -223,6 +231,9 @@ async def start_grpc(
     ``body_timeout_s`` to come in); at most ``max_connections`` connections (grpc closes more as it accepts them)
     and as many calls at once (more get ``RESOURCE_EXHAUSTED``); a connection has ``header_timeout_s`` to send its
     HTTP/2 preface and settings, and is closed after ``idle_timeout_s`` without a call.
+
+    ``tls``, the (private key, certificate chain) PEM bytes, serves TLS only (:meth:`ServerSettings.tls`).
+    ``access`` checks each call's key, limits and usage (:mod:`maas.serving.grpc.access`); None: none.
     """
     if inflight is None:
         inflight = InflightBytes(_DEFAULTS.max_inflight_bytes)
@@ -251,19 +262,22 @@ async def start_grpc(
         ],
         maximum_concurrent_rpcs=max_connections,
     )
-    handlers = InferenceServicer(engine, intake).handlers()
+    handlers = InferenceServicer(engine, intake, access).handlers()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        server.add_insecure_port(address)
+        if tls is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, grpc.ssl_server_credentials([tls]))
     except RuntimeError:  # grpcio says only that binding failed
         raise OSError(
             f"cannot serve gRPC on {address}: the port is in use or the address is not one of this machine's; "
             "pick another port with --grpc-port (MAAS_GRPC_PORT) or serve no gRPC with --no-grpc"
         ) from None
     await server.start()
-    log.info("gRPC (inference.GRPCInferenceService) serving on %s", address)
+    log.info("gRPC (inference.GRPCInferenceService) serving on %s%s", address, " (TLS)" if tls else "")
     return server
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from maas.serving.access.context import current_meter
 from maas.serving.api.openai.models import EMBEDDING, InvalidModel, ModelDirectory, require_format, served_at
 from maas.serving.api.openai.protocol import BadParam, EmbeddingRequest
 from maas.serving.context import ServingContext
@@ -50,6 +51,9 @@ async def embed(ctx: ServingContext, directory: ModelDirectory, req: EmbeddingRe
     ran, response = await ctx.engine.infer(loaded.name, str(loaded.version), decode, size=size)
     vectors = np.ascontiguousarray(response.outputs["embedding"], dtype=np.float32)
     tokens = await _count_tokens(ctx, ran.runtime, req.input)
+    meter = current_meter()
+    if meter is not None:
+        meter.prompt_tokens += tokens
     if req.encoding_format == "base64":
         # Little-endian float32, as the openai client decodes it.
         rows: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from maas.errors import InvalidInput, NotFound
 from maas.registry.uri import ModelRef, parse_ref
+from maas.serving.access.context import current_principal, not_registered
 from maas.serving.api.openai.protocol import ModelNotFound
 from maas.serving.context import ServingContext
 from maas.serving.manager import LoadedModel
@@ -42,9 +43,12 @@ class ModelDirectory:
 
     def _ref(self, model: str) -> ModelRef:
         try:
-            return parse_ref(model)
+            ref = parse_ref(model)
         except InvalidInput as exc:
             raise ModelNotFound(f"the model {model!r} does not exist: {exc}") from None
+        if not current_principal().sees(ref.name):
+            raise ModelNotFound(f"{not_registered(ref.name)}; GET /v1/models lists the models served here")
+        return ref
 
     async def acquire(self, model: str) -> LoadedModel:
         """The loaded version ``model`` names (:class:`ModelNotFound` if there is none)."""
@@ -76,12 +80,16 @@ class ModelDirectory:
     async def listing(self) -> list[dict[str, Any]]:
         """``GET /v1/models``: every served model of a format the OpenAI API serves, by name."""
 
+        principal = current_principal()  # read here: the thread below does not see the request's context
+
         def work() -> list[dict[str, Any]]:
             registry, only = self.ctx.registry, self.ctx.manager.only
             created = {m.name: m.created_at for m in registry.list_models()}
             out = []
             for target in registry.serving_targets():
                 if target.version is None or (only is not None and target.name not in only):
+                    continue
+                if not principal.sees(target.name):
                     continue
                 try:
                     version = registry.get_version(target.name, target.version)

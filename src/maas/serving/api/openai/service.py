@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from maas.errors import Unavailable
+from maas.serving.access.context import RequestMeter, current_meter
 from maas.serving.api.openai.models import GENERATIVE, ModelDirectory, require_format, served_at
 from maas.serving.api.openai.prompt import ChatTokenizer, chat_prompt_ids, check_fits
 from maas.serving.api.openai.protocol import BadParam, ChatRequest, CompletionRequest
@@ -72,6 +73,8 @@ class Job:
     generations: list[Generation] = field(default_factory=list)
     #: Tokens of each choice taken from its generation: up to the stop string, for a choice one ended.
     produced: list[int] = field(default_factory=list)
+    #: The request's meter (usage and token limits): the same counts as :meth:`usage`.
+    meter: RequestMeter | None = None
 
     @property
     def n(self) -> int:
@@ -147,8 +150,21 @@ async def prepare(
         )
         for i in range(n)
     ]
+    meter = current_meter()
+    if meter is not None:
+        meter.model, meter.version = loaded.name, loaded.version
+        meter.items += n
+        meter.prompt_tokens += len(prompt_ids)
     return Job(
-        served_at(loaded), engine, tokenizer, prompt_ids, params, list(req.stop or []), req.top_k_logprobs, request_id
+        served_at(loaded),
+        engine,
+        tokenizer,
+        prompt_ids,
+        params,
+        list(req.stop or []),
+        req.top_k_logprobs,
+        request_id,
+        meter=meter,
     )
 
 
@@ -231,6 +247,7 @@ async def pieces(job: Job) -> AsyncGenerator[Piece, None]:
     held: list[list[TokenRecord]] = [[] for _ in job.generations]
     tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(job.generations)]
     running = set(range(len(tasks)))
+    started = time.perf_counter()
     try:
         while running:
             index, item = await queue.get()
@@ -246,6 +263,8 @@ async def pieces(job: Job) -> AsyncGenerator[Piece, None]:
                     running.discard(index)
                 yield piece
     finally:
+        if job.meter is not None:
+            job.meter.compute_s += time.perf_counter() - started
         job.cancel()
         for task in tasks:
             task.cancel()  # not awaited: this may run inside a cancelled scope, where an await would not return
@@ -255,6 +274,8 @@ def _step(job: Job, index: int, event: TokenEvent, stream: TextStream, held: lis
     text, finish = "", None
     if event.token_id is not None:
         job.produced[index] += 1
+        if job.meter is not None:
+            job.meter.completion_tokens += 1
         if job.logprobs is not None:
             logprob = event.logprob if event.logprob is not None else -9999.0
             held.append(TokenRecord(event.token_id, logprob, event.top_logprobs[: job.logprobs], stream.decoded))
