@@ -108,6 +108,7 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.llm = LLMMetrics(self.registry)
+        self.keys = KeyMetrics(self.registry)
         # What /metrics shows: this registry, or the files of all worker processes.
         self.exposed = self.registry
         if multiprocess_mode():
@@ -207,3 +208,63 @@ class LLMObserver:
     def load(self, running: int, queued: int) -> None:
         self._running.set(running)
         self._queued.set(queued)
+
+
+class KeyMetrics:
+    """Per API key: requests, errors, tokens and refusals, labelled by key id (``-`` with auth off) and model (``-``
+    for a request that named none). Keys and models are made by admins and publishers, so the label sets are few;
+    past :data:`MAX_SERIES` pairs in one process, further ones are counted under ``other``."""
+
+    MAX_SERIES = 1000
+    OTHER = "other"
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["key", "model"]
+        self.requests = Counter("maas_key_requests", "Requests by API key and model.", labels, registry=registry)
+        self.errors = Counter(
+            "maas_key_errors", "Requests answered with an error, by API key and model.", labels, registry=registry
+        )
+        self.tokens = Counter(
+            "maas_key_tokens",
+            "Tokens by API key and model: kind=prompt or completion (abandoned streams: what was generated).",
+            [*labels, "kind"],
+            registry=registry,
+        )
+        self.limited = Counter(
+            "maas_key_rate_limited",
+            "Requests refused (429) by a key's rate limit or quota: limit=rpm, tpm, concurrent, requests_per_day or "
+            "tokens_per_month.",
+            ["key", "limit"],
+            registry=registry,
+        )
+        self._seen: set[tuple[str, str]] = set()
+        self._refused_keys: set[str] = set()
+
+    def _labels(self, key: str, model: str) -> tuple[str, str]:
+        pair = (key, model)
+        if pair in self._seen:
+            return pair
+        if len(self._seen) >= self.MAX_SERIES:
+            return self.OTHER, self.OTHER
+        self._seen.add(pair)
+        return pair
+
+    def observe(self, key: str, model: str, *, error: bool, prompt_tokens: int, completion_tokens: int) -> None:
+        """One finished request of ``key`` on ``model`` (both server-known names, never raw request input)."""
+        key, model = self._labels(key, model)
+        self.requests.labels(key, model).inc()
+        if error:
+            self.errors.labels(key, model).inc()
+        if prompt_tokens:
+            self.tokens.labels(key, model, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(key, model, "completion").inc(completion_tokens)
+
+    def refused(self, key: str, limit: str) -> None:
+        """A request of ``key`` refused by its ``limit``."""
+        if key not in self._refused_keys:
+            if len(self._refused_keys) >= self.MAX_SERIES:
+                key = self.OTHER
+            else:
+                self._refused_keys.add(key)
+        self.limited.labels(key, limit).inc()
