@@ -1,4 +1,5 @@
-"""``maas deploy`` and ``maas deployments …``: set and read how servers serve each model."""
+"""``maas deploy`` and ``maas deployments …``: set and read how servers serve each model, in the local registry or,
+with MAAS_SERVER_URL set, on that server (see :mod:`maas.cli.backend`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from maas.cli import backend
 from maas.cli.output import console, fail, print_json
-from maas.registry import Deployment, Registry, parse_ref
+from maas.registry import Deployment, parse_ref
 from maas.registry.deployments import SETTINGS, changed_settings, defaults, merge_deployment, read_deployments
 
 app = typer.Typer(help="Read model deployments: batching, queueing, instances, threads.", no_args_is_help=True)
@@ -130,7 +132,7 @@ def deploy(
     if file is None and not given and not reset:
         fail(f"no settings given for {name}; e.g. maas deploy {name} --max-batch-size 32 (--reset: the defaults)")
     plan = read_deployments(file) if file is not None else [(_model(name or ""), given)]
-    reg = Registry()
+    reg = backend.registry()
     # Every model and every merged deployment checked before the first change: a bad file changes nothing.
     befores = [reg.get_deployment(n) for n, _ in plan]
     for before, (n, changes) in zip(befores, plan, strict=True):
@@ -147,7 +149,7 @@ def deploy(
 @app.command("list")
 def list_deployments(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the stored deployments; a model not listed runs with the defaults."""
-    deployments = Registry().list_deployments()
+    deployments = backend.registry().list_deployments()
     if as_json:
         print_json([d.to_dict() for d in deployments])
         return
@@ -167,7 +169,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a model's deployment (the defaults, revision 0, when it has none)."""
-    d = Registry().get_deployment(_model(name))
+    d = backend.registry().get_deployment(_model(name))
     if as_json:
         print_json(d.to_dict())
         return
@@ -176,3 +178,19 @@ def show(
     else:
         console.print(f"[bold]{escape(d.name)}[/]: revision {d.revision}, updated {d.updated_at:%Y-%m-%d %H:%M:%S}")
     _table(d, [])
+
+
+@app.command("delete")
+def delete(
+    name: str = typer.Argument(..., help="The model."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Remove a model's deployment: servers go back to the defaults for it within about 2 s."""
+    model = _model(name)
+    deleted = backend.registry().undeploy(model)
+    if as_json:
+        print_json({"name": model, "deleted": deleted})
+    elif deleted:
+        console.print(f"Deleted the deployment of [bold]{escape(model)}[/]: it runs with the defaults now.")
+    else:
+        console.print(f"[bold]{escape(model)}[/] had no deployment: it already runs with the defaults.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from rich.markup import escape
 
+from maas.cli import backend
 from maas.cli.output import console, print_json
 from maas.registry import Debris, Registry
 
@@ -30,6 +31,7 @@ def gc(
 
     Never removes an artifact a version uses, nor anything a running registration holds.
     """
+    backend.local_only("maas gc", "it removes files from this machine's artifact store")
     result = Registry().gc(dry_run=dry_run)
     if as_json:
         print_json(result.to_dict())

@@ -11,7 +11,7 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import chat, compress, demo, deploy, gc, model_report, models, runs, serve, train
+from maas.cli import audit, chat, compress, demo, deploy, gc, keys, model_report, models, runs, serve, train, usage
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -26,6 +26,8 @@ models.app.command("report")(model_report.report)
 app.add_typer(models.app, name="models")
 app.add_typer(runs.app, name="runs")
 app.add_typer(deploy.app, name="deployments")
+app.add_typer(audit.app, name="audit")
+app.add_typer(keys.app, name="keys")
 app.command("deploy")(deploy.deploy)
 app.command("serve")(serve.serve)
 app.command("chat")(chat.chat)
@@ -33,6 +35,7 @@ app.command("demo")(demo.demo)
 app.command("train")(train.train)
 app.command("compress")(compress.compress)
 app.command("gc")(gc.gc)
+app.command("usage")(usage.usage)
 
 
 def _version(value: bool) -> None:

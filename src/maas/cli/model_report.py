@@ -13,6 +13,9 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="Print the measurements as JSON (no plot)."),
 ) -> None:
     """Size, parameters, latency and metric of every version measured by `maas compress`, plotted."""
+    from maas.cli import backend
+
+    backend.local_only("maas models report", "it reads the reports beside the local artifacts")
     from maas.cli.output import console, fail, print_json
     from maas.cli.report_view import plot, versions_table
     from maas.compression.report import version_points

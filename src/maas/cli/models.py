@@ -1,4 +1,5 @@
-"""``maas models …``: register, list, show, alias, roll back, delete and verify model versions."""
+"""``maas models …``: register, list, show, alias, roll back, delete and verify model versions, in the local
+registry or, with MAAS_SERVER_URL set, on that server (see :mod:`maas.cli.backend`)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from maas.cli import backend
 from maas.cli.output import console, fail, print_json
-from maas.registry import DEFAULT_ALIAS, ModelVersion, Registry, parse_ref
+from maas.registry import DEFAULT_ALIAS, ModelVersion, parse_ref
 
 app = typer.Typer(help="Register and manage model versions.", no_args_is_help=True)
 alias_app = typer.Typer(help="Set, delete and list aliases (production, staging, …).", no_args_is_help=True)
@@ -61,7 +63,7 @@ def register(
             metrics[k] = float(v)
         except ValueError:
             fail(f"--metric {k}={v}: the value must be a number")
-    mv = Registry().register(
+    mv = backend.registry().register(
         path,
         name,
         format=format,
@@ -83,7 +85,7 @@ def register(
 @app.command("list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List registered models with their latest version and aliases."""
-    models = Registry().list_models()
+    models = backend.registry().list_models()
     if as_json:
         print_json([m.to_dict() for m in models])
         return
@@ -105,7 +107,7 @@ def show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Show a model with all its versions, or one version in detail."""
-    reg = Registry()
+    reg = backend.registry()
     r = parse_ref(ref)
     if r.version is None and r.alias is None:
         model = reg.get_model(r.name)
@@ -156,7 +158,7 @@ def show(
 def alias_set(name: str, alias: str, version: int) -> None:
     """Point ALIAS of NAME at VERSION (recorded in the alias history)."""
     name = _model(name)
-    ev = Registry().set_alias(name, alias, version)
+    ev = backend.registry().set_alias(name, alias, version)
     was = f" (was {ev.from_version})" if ev.from_version is not None else ""
     console.print(f"{name}@{alias} → {ev.to_version}{was}")
 
@@ -165,7 +167,7 @@ def alias_set(name: str, alias: str, version: int) -> None:
 def alias_delete(name: str, alias: str) -> None:
     """Remove ALIAS from NAME (recorded in the alias history)."""
     name = _model(name)
-    ev = Registry().delete_alias(name, alias)
+    ev = backend.registry().delete_alias(name, alias)
     console.print(f"deleted {name}@{alias} (was {ev.from_version})")
 
 
@@ -176,7 +178,7 @@ def alias_history(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Every alias move of NAME: when, from which version, to which, by whom."""
-    events = Registry().alias_history(_model(name), alias)
+    events = backend.registry().alias_history(_model(name), alias)
     if as_json:
         print_json([e.to_dict() for e in events])
         return
@@ -200,7 +202,7 @@ def rollback(
 ) -> None:
     """Point an alias back at the version it held before its last move."""
     name = _model(name)
-    ev = Registry().rollback(name, alias)
+    ev = backend.registry().rollback(name, alias)
     console.print(f"rolled back {name}@{alias}: {ev.from_version} → {ev.to_version}")
 
 
@@ -213,7 +215,7 @@ def delete(
     r = parse_ref(ref)
     if r.version is None:
         fail(f"{ref!r} names no version; write NAME/VERSION, e.g. `maas models delete {r.name}/1`")
-    mv = Registry().delete_version(r.name, r.version, force=force)
+    mv = backend.registry().delete_version(r.name, r.version, force=force)
     console.print(f"deleted {mv.uri}")
 
 
@@ -227,7 +229,9 @@ def verify(
     Exits 1 if any artifact is missing or corrupted; debris alone costs only disk space and exits 0.
     """
     from maas.cli.gc import describe
+    from maas.registry import Registry
 
+    backend.local_only("maas models verify", "it reads the artifact files themselves")
     report = Registry().verify(_model(name) if name else None)
     bad = [r for r in report.versions if not r.ok]
     if as_json:

@@ -16,6 +16,14 @@ from maas.registry import RUN_STATUSES, Registry, Run
 
 app = typer.Typer(help="Inspect training runs.", no_args_is_help=True)
 
+
+@app.callback()
+def _local() -> None:
+    from maas.cli import backend
+
+    backend.local_only("maas runs", "runs are recorded where they train; the admin API does not serve them")
+
+
 _STYLE = {"succeeded": "green", "failed": "red", "interrupted": "yellow", "running": "cyan"}
 
 

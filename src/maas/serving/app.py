@@ -13,6 +13,8 @@ from starlette.types import Receive, Scope, Send
 from maas import __version__
 from maas.registry import Registry
 from maas.serving import errors
+from maas.serving.access.gate import AccessGate
+from maas.serving.api.admin.router import build_router as build_admin_router
 from maas.serving.api.openai.router import build_router as build_openai_router
 from maas.serving.api.v2.infer import FastInfer
 from maas.serving.api.v2.router import build_router
@@ -48,7 +50,7 @@ class MaasApp(FastAPI):
         self.state.ctx = ctx
         settings = ctx.settings
         self._front = RequestGuard(
-            FastInfer(super().__call__, ctx),
+            AccessGate(FastInfer(super().__call__, ctx), ctx.access),
             max_body_bytes=settings.max_request_bytes,
             body_timeout_s=settings.body_timeout_s,
             inflight=ctx.inflight,
@@ -69,6 +71,7 @@ def create_app(settings: ServerSettings | None = None, registry: Registry | None
     app = MaasApp(ctx, title="maas", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.include_router(build_router())
     app.include_router(build_openai_router())
+    app.include_router(build_admin_router())
     app.add_api_route("/metrics", prometheus, methods=["GET"], include_in_schema=False)
     errors.install(app)
     return app
