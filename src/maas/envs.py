@@ -183,8 +183,8 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "MAAS_AUTH_MAX_FAILURES": (
         _num("MAAS_AUTH_MAX_FAILURES", 10, int),
-        "Failed key checks a client address may make per minute before its further attempts are slowed and "
-        "answered 429.",
+        "Failed key checks a client address may make per minute before its further failing attempts are slowed "
+        "and answered 429; 0 turns the throttle off.",
     ),
     "MAAS_REDIS_URL": (
         _str("MAAS_REDIS_URL", None),

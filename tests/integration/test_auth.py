@@ -42,6 +42,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
     reg.register(make_linear_model(models / "alpha.onnx"), "alpha")
     reg.register(make_linear_model(models / "beta.onnx", seed=1), "beta")
     reg.register(write_tiny_llm_dir(models / "tiny"), "chat", format="causal_lm")
+    # A version whose lineage names a model the consumer may not see.
+    reg.register(
+        make_linear_model(models / "alpha2.onnx", seed=2), "alpha", parent="models:/beta/1",
+        lineage_extra={"teacher": "models:/beta/1", "recipe": "distill"},
+    )  # fmt: skip
     keys = _keys(home)
     tokens = {
         "consumer": keys.create("app", "consumer", models=["alpha", "ch*"])[1],
@@ -239,3 +244,50 @@ def test_the_servers_access_settings_are_audited(server: Served) -> None:
     entries = [e for e in AuditLog(database_of(Registry(home=server[2]))).list() if e.action == "auth.settings"]
     assert len(entries) == 1 and entries[0].target == f"server:127.0.0.1:{server[0].port}"
     assert entries[0].after["keys_required"] is True and entries[0].after["auth"] == "required"
+
+
+def test_lineage_names_no_model_the_key_may_not_see(server: Served) -> None:
+    srv, tokens, _ = server
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        shown = c.get("/admin/v1/models/alpha/versions/2", headers=_h(tokens["consumer"])).json()
+        assert shown["lineage"]["parent"] is None and shown["lineage"]["extra"] == {"recipe": "distill"}
+        assert "beta" not in c.get("/admin/v1/models/alpha", headers=_h(tokens["consumer"])).text
+        full = c.get("/admin/v1/models/alpha/versions/2", headers=_h(tokens["admin"])).json()
+        assert full["lineage"]["parent"] == "models:/beta/1"
+
+
+def test_language_models_on_the_tensor_protocol_are_metered_in_tokens(server: Served) -> None:
+    from maas.access.usage import UsageStore
+
+    srv, tokens, home = server
+    prompts = {"name": "text_input", "shape": [2], "datatype": "BYTES", "data": ["hello there", "one two three"]}
+    with httpx.Client(base_url=srv.url, timeout=120, headers=_h(tokens["consumer"])) as c:
+        r = c.post("/v2/models/chat/infer", json={"inputs": [prompts]})
+        assert r.status_code == 200, r.text
+        many = {**prompts, "shape": [17], "data": ["hi"] * 17}
+        r = c.post("/v2/models/chat/infer", json={"inputs": [many]})
+        assert r.status_code == 400 and "at most 16" in r.text
+    consumer = _keys(home).list()[0].id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # usage is written every 0.5 s
+        rows = [t for t in UsageStore(database_of(Registry(home=home))).query(key_id=consumer, by="total")
+                if t.model == "chat"]  # fmt: skip
+        if rows and rows[0].prompt_tokens:
+            break
+        time.sleep(0.2)
+    assert rows and rows[0].prompt_tokens >= 4 and rows[0].completion_tokens >= 2, rows
+
+
+def test_a_keyless_loopback_server_refuses_what_a_web_page_sends(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    Registry(home=home).register(make_linear_model(tmp_path / "alpha.onnx"), "alpha")
+    with RemoteServer(home) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.post("/v2/models/alpha/infer", json=INFER).status_code == 200  # programs are not affected
+        assert c.get("/admin/v1/models").status_code == 200
+        page = c.post("/admin/v1/models/alpha/aliases/production/rollback", headers={"Origin": "https://evil.example"})
+        assert page.status_code == 403 and "web page" in page.text
+        assert c.post("/v2/models/alpha/infer", json=INFER, headers={"Sec-Fetch-Site": "cross-site"}).status_code == 403
+        rebound = c.get("/admin/v1/models", headers={"Host": "evil.example:8000"})
+        assert rebound.status_code == 403 and "localhost" in rebound.text
+        assert c.get("/admin/v1/models", headers={"Origin": f"http://127.0.0.1:{srv.port}"}).status_code == 200
+        assert c.get("/v2/health/ready", headers={"Host": "evil.example"}).status_code == 200  # probes stay open

@@ -144,3 +144,16 @@ def test_failed_explicit_version_recovers_once_the_artifact_is_restored(
         manager.acquire_blocking("m", "1")
     time.sleep(0.4)
     assert manager.acquire_blocking("m", "1").version == 1
+
+
+def test_a_model_not_served_here_reads_as_missing(registry: Registry, tmp_path: Path) -> None:
+    registry.register(make_linear_model(tmp_path / "a.onnx"), "a")
+    registry.register(make_linear_model(tmp_path / "b.onnx"), "b")
+    manager = ModelManager(registry, models=["a"], watch_interval_s=0.05)
+    with pytest.raises(NotFound) as served_elsewhere:
+        manager.check_served("b")
+    with pytest.raises(NotFound) as absent:
+        manager.check_served("zzz")
+    # The same words as a model that does not exist: the list of served models is not a client's to learn.
+    assert str(served_elsewhere.value).replace("'b'", "?") == str(absent.value).replace("'zzz'", "?")
+    assert "'a'" not in str(served_elsewhere.value)

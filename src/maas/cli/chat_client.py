@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import ssl
 import time
 import urllib.parse
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from maas import envs
+from maas.cli.connection import reason, tls_context
 from maas.errors import InvalidInput, MaasError, NotFound, RateLimited, Unauthorized, Unavailable
 
 #: Seconds a request waits for the socket (connecting, then between two reads of a stream).
@@ -83,7 +81,7 @@ class ChatClient:
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 raise Unreachable(
-                    f"cannot reach a maas server at {self.shown} ({_reason(exc)}); start one with `maas serve`"
+                    f"cannot reach a maas server at {self.shown} ({reason(exc)}); start one with `maas serve`"
                     " (or point --url at it)"
                 ) from None
             if response.status < 300:
@@ -114,21 +112,9 @@ class ChatClient:
         try:
             yield from _deltas(response)
         except (OSError, http.client.HTTPException) as exc:
-            raise Unreachable(f"the connection to {self.shown} broke during the answer ({_reason(exc)})") from None
+            raise Unreachable(f"the connection to {self.shown} broke during the answer ({reason(exc)})") from None
         finally:
             conn.close()
-
-
-def tls_context() -> ssl.SSLContext:
-    """What an https URL is checked against: the system's trusted CAs, or the PEM bundle MAAS_SSL_CA_FILE names."""
-    cafile = envs.MAAS_SSL_CA_FILE
-    try:
-        return ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise InvalidInput(
-            f"MAAS_SSL_CA_FILE={cafile} cannot be used as a CA bundle ({getattr(exc, 'strerror', None) or exc}); "
-            "point it at a readable PEM file of the certificates to trust"
-        ) from None
 
 
 def _deltas(response: http.client.HTTPResponse) -> Iterator[str]:
@@ -175,15 +161,3 @@ def _retry_after(value: str | None) -> float | None:
         return min(max(float(value), 0.1), 5.0) if value is not None else None
     except ValueError:
         return None
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.timeout | TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return "unknown host"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"{exc.verify_message}; to trust the server's CA, set MAAS_SSL_CA_FILE to its PEM file"
-    return str(exc) or type(exc).__name__

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import ssl
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from maas.cli.connection import reason, tls_context
 from maas.errors import (
     Conflict,
     Forbidden,
@@ -76,8 +75,6 @@ class AdminClient:
     def _connection(self) -> http.client.HTTPConnection:
         host, port = self.url.hostname or "", self.url.port
         if self.url.scheme == "https":
-            from maas.cli.chat_client import tls_context
-
             return http.client.HTTPSConnection(
                 host, port, timeout=self.timeout, context=tls_context(), blocksize=_BLOCK
             )
@@ -121,7 +118,7 @@ class AdminClient:
                 raw = response.read()
             except (OSError, http.client.HTTPException) as exc:
                 raise Unreachable(
-                    f"cannot reach the maas server at {self.shown} ({_reason(exc)}); check MAAS_SERVER_URL, or unset "
+                    f"cannot reach the maas server at {self.shown} ({reason(exc)}); check MAAS_SERVER_URL, or unset "
                     "it to act on the local registry"
                 ) from None
         finally:
@@ -170,15 +167,3 @@ def _send(conn: http.client.HTTPConnection, method: str, target: str, body: Any,
     except (BrokenPipeError, ConnectionResetError):
         # The server may have answered before taking the whole body (413: over its limit): read that answer.
         pass
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, socket.timeout | TimeoutError):
-        return "timed out"
-    if isinstance(exc, socket.gaierror):
-        return "unknown host"
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"{exc.verify_message}; to trust the server's CA, set MAAS_SSL_CA_FILE to its PEM file"
-    return str(exc) or type(exc).__name__

@@ -80,6 +80,14 @@ class RequestGuard:
                 complete = True
             return message
 
+        def release_body() -> None:
+            """Give back the body's bytes now: a handler that wrote them to disk holds them no longer (an upload
+            whose registration takes minutes must not starve inference of the budget meanwhile)."""
+            nonlocal held
+            self.inflight.give(held)
+            held = 0
+
+        scope["maas.release_body"] = release_body
         started = False
 
         async def send_tracked(message: Message) -> None:

@@ -64,6 +64,16 @@ class HFEmbeddingRuntime:
             result[rows] = backend(self.tokenizer.encode([texts[i] for i in rows]))
         return {name: result for name in names}
 
+    def count_tokens(
+        self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray] | None = None
+    ) -> tuple[int, int]:
+        """(tokens read, 0): what the model read of each ``text`` row after its truncation, for usage and limits."""
+        texts = _texts(np.asarray(inputs["text"])) if "text" in inputs else []
+        read = 0
+        for start in range(0, len(texts), _CHUNK):
+            read += int(np.asarray(self.tokenizer.encode(texts[start : start + _CHUNK])["attention_mask"]).sum())
+        return read, 0
+
     def close(self) -> None:
         if self._backend is not None:
             self._backend.close()

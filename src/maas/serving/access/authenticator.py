@@ -60,6 +60,8 @@ class FailureThrottle:
         return times
 
     def failed(self, client: str) -> None:
+        if self.max_failures <= 0:
+            return
         now = time.monotonic()
         times = self._recent(client, now)
         times.append(now)
@@ -69,6 +71,8 @@ class FailureThrottle:
 
     def blocked_for(self, client: str) -> float:
         """Seconds until ``client`` may try again; 0 when it may now."""
+        if self.max_failures <= 0:
+            return 0.0  # MAAS_AUTH_MAX_FAILURES=0: no throttle
         now = time.monotonic()
         times = self._recent(client, now)
         if len(times) < self.max_failures:

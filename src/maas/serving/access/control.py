@@ -22,7 +22,7 @@ from maas.registry import Registry
 from maas.serving.access.authenticator import Authenticator
 from maas.serving.access.context import RequestMeter
 from maas.serving.access.limiter import Admission, Limiter
-from maas.serving.access.mode import auth_required
+from maas.serving.access.mode import auth_required, is_loopback
 from maas.serving.access.recorder import FLUSH_S, UsageRecorder
 from maas.serving.metrics import KeyMetrics
 
@@ -47,6 +47,8 @@ class AccessControl:
         metrics: KeyMetrics | None = None,
     ) -> None:
         self.required = auth_required(mode, host, allow_unauthenticated=allow_unauthenticated)
+        #: Without keys on a loopback bind, requests a browser page sends on its own are refused (:mod:`.browsers`).
+        self.local_only = not self.required and is_loopback(host)
         db = database_of(registry)
         self.keys = KeyStore(db)
         self.authenticator = Authenticator(

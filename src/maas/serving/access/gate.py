@@ -7,10 +7,12 @@ Liveness and readiness stay open. With auth off, every request acts as the local
 from __future__ import annotations
 
 import orjson
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from maas.access.principal import LOCAL
 from maas.errors import Forbidden, MaasError
+from maas.serving.access.browsers import check_local
 from maas.serving.access.context import RequestMeter, acting_as
 from maas.serving.access.control import AccessControl
 from maas.serving.errors import error_headers, public_message
@@ -27,7 +29,8 @@ class AccessGate:
         self.control = control
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = get_route_path(scope)  # as the router sees it: without a --root-path prefix
+        if scope["type"] != "http" or path in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         control = self.control
@@ -35,7 +38,9 @@ class AccessGate:
         try:
             if control.required:
                 principal = await control.authenticator.authenticate(_header(scope, b"authorization"), _client(scope))
-            if scope["path"] == "/metrics" and not principal.may_read_metrics:
+            elif control.local_only:
+                check_local(scope)
+            if path == "/metrics" and not principal.may_read_metrics:
                 raise Forbidden("/metrics needs an admin or monitor key")
             admission = await control.admit(principal)
         except MaasError as exc:

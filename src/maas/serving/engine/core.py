@@ -196,6 +196,11 @@ class Engine:
             if meter is not None:
                 meter.compute_s += time.perf_counter() - started
         self.limits.check_outputs(loaded.version_info.uri, outputs)
+        count = getattr(loaded.runtime, "count_tokens", None)
+        if meter is not None and count is not None:  # language and embedding models: tokens for usage and limits
+            prompt, completion = await self._thread(count, request.inputs, outputs)
+            meter.prompt_tokens += prompt
+            meter.completion_tokens += completion
         return outputs
 
     def scheduler(self, loaded: LoadedModel) -> Scheduler:

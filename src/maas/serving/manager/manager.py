@@ -14,6 +14,7 @@ from maas.errors import InvalidInput, MaasError, NotFound, Unavailable
 from maas.registry import ModelVersion, Registry
 from maas.registry.entities import Deployment
 from maas.registry.uri import parse_version
+from maas.serving.access.context import not_registered
 from maas.serving.manager.loading import LoadedModel, Loader, Loading
 from maas.serving.manager.watching import Watcher
 from maas.serving.metrics import ServerMetrics
@@ -130,7 +131,8 @@ class ModelManager:
 
     def check_served(self, name: str) -> None:
         if self.only is not None and name not in self.only:
-            raise NotFound(f"model {name!r} is not served here; this server serves {', '.join(sorted(self.only))}")
+            # Word for word a missing model's answer: the list of served models is not a client's to learn.
+            raise not_registered(name)
         self.registry.get_model(name)  # NotFound naming `maas models list`
 
     def serving_version(self, name: str) -> ModelVersion | None:

@@ -88,7 +88,8 @@ class Watcher:
                     self._initial_done.set()
                 self._evict()
             except Exception as exc:  # a database hiccup must not kill the watcher
-                self._initial_error = f"cannot read the registry: {exc}"
+                # Readiness is answered to anyone: the database's own words (its host, user, SQL) stay in the log.
+                self._initial_error = f"cannot read the registry ({type(exc).__name__}); the server's log has details"
                 log.exception("registry sync failed")
             self._stop.wait(self.interval_s)
 

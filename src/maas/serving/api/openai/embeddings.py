@@ -10,16 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from maas.serving.access.context import current_meter
 from maas.serving.api.openai.models import EMBEDDING, InvalidModel, ModelDirectory, require_format, served_at
 from maas.serving.api.openai.protocol import BadParam, EmbeddingRequest
 from maas.serving.context import ServingContext
 from maas.serving.engine.types import InferRequest
 from maas.serving.validation import check_input
 from maas.tensors import Signature
-
-#: Texts tokenised at once when counting the request's tokens.
-_COUNT_CHUNK = 64
 
 
 async def embed(ctx: ServingContext, directory: ModelDirectory, req: EmbeddingRequest) -> dict[str, Any]:
@@ -50,10 +46,7 @@ async def embed(ctx: ServingContext, directory: ModelDirectory, req: EmbeddingRe
     size = sum(len(t) for t in texts)
     ran, response = await ctx.engine.infer(loaded.name, str(loaded.version), decode, size=size)
     vectors = np.ascontiguousarray(response.outputs["embedding"], dtype=np.float32)
-    tokens = await _count_tokens(ctx, ran.runtime, req.input)
-    meter = current_meter()
-    if meter is not None:
-        meter.prompt_tokens += tokens
+    tokens = await _count_tokens(ctx, ran.runtime, req.input)  # the engine metered the same count
     if req.encoding_format == "base64":
         # Little-endian float32, as the openai client decodes it.
         rows: list[Any] = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in vectors]
@@ -68,16 +61,10 @@ async def embed(ctx: ServingContext, directory: ModelDirectory, req: EmbeddingRe
 
 
 async def _count_tokens(ctx: ServingContext, runtime: object, texts: Sequence[str]) -> int:
-    """The tokens the model read (after its truncation), from its own tokenizer; 0 if it has none to ask."""
-    tokenizer = getattr(runtime, "tokenizer", None)
-    encode = getattr(tokenizer, "encode", None)
-    if encode is None:
+    """The tokens the model read (after its truncation), as the engine metered them; 0 if it cannot count."""
+    count = getattr(runtime, "count_tokens", None)
+    if count is None:
         return 0
-
-    def count() -> int:
-        total = 0
-        for start in range(0, len(texts), _COUNT_CHUNK):
-            total += int(np.asarray(encode(texts[start : start + _COUNT_CHUNK])["attention_mask"]).sum())
-        return total
-
-    return await asyncio.get_running_loop().run_in_executor(ctx.executor, count)
+    feed = {"text": np.array([t.encode("utf-8") for t in texts], dtype=object)}
+    read, _ = await asyncio.get_running_loop().run_in_executor(ctx.executor, count, feed)
+    return int(read)
