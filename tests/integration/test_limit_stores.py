@@ -1,6 +1,6 @@
-"""Both limit stores (the SQLite database file, a real redis-server) under several processes at once: check-and-count is
-atomic, so a limit of 120 admits exactly 120 however many processes race for it, and leases never exceed the
-concurrency limit."""
+"""The limit stores (the SQLite database file, a real PostgreSQL server, a real redis-server) under several processes
+at once: check-and-count is atomic, so a limit of 120 admits exactly 120 however many processes race for it, and
+leases never exceed the concurrency limit."""
 
 from __future__ import annotations
 
@@ -48,10 +48,10 @@ def _run(where: str, key_id: str, limits: KeyLimits, attempts: int, lease: bool 
         return [x for job in jobs for x in job.get(timeout=120)]
 
 
-@pytest.fixture(params=["sql", "redis"])
+@pytest.fixture(params=["sql", pytest.param("postgresql", marks=pytest.mark.postgres), "redis"])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "redis":
-        url: str = request.getfixturevalue("redis_url")
+    if request.param in ("redis", "postgresql"):
+        url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "postgres_url")
         return url
     db = Database(f"sqlite:///{tmp_path / 'limits.db'}")  # made (and migrated) once, here
     return db.url

@@ -15,10 +15,12 @@ from maas.registry.audit import GENESIS, AuditContext, AuditLog, audit_context, 
 from maas.registry.sql.engine import Database
 from maas.testing.models import make_multi_io_model
 
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
+
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'audit.db'}")
+def db(database_url: str) -> Database:
+    return Database(database_url)
 
 
 def append(db: Database, n: int, action: str = "test.act") -> None:
@@ -109,8 +111,8 @@ def test_deleting_the_newest_entry_needs_the_pinned_head(db: Database) -> None:
     assert head in result.problems[0].detail and "ends at seq 3" in result.problems[0].detail
 
 
-def test_concurrent_appenders_keep_one_chain(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'audit.db'}"
+def test_concurrent_appenders_keep_one_chain(database_url: str) -> None:
+    url = database_url
     Database(url)
     errors: list[BaseException] = []
 

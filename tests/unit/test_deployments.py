@@ -1,5 +1,5 @@
-"""Deployments: the rules of their values, the store on SQLite (revisions, undeploy, cascade), the file form and
-the migration."""
+"""Deployments: the rules of their values, the store on SQLite and PostgreSQL (revisions, undeploy, cascade), the
+file form and the migration."""
 
 import json
 import math
@@ -14,6 +14,8 @@ from maas.registry import Deployment, Registry
 from maas.registry.deployments import SETTINGS, check_deployment, defaults, merge_deployment, read_deployments
 from maas.registry.sql.engine import SCHEMA_HEAD
 from maas.testing.models import make_linear_model
+
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
 
 
 @pytest.fixture(scope="module")
@@ -242,8 +244,8 @@ def _alembic(url: str, action: str, revision: str) -> None:
     engine.dispose()
 
 
-def test_the_migration_goes_down_and_up(tmp_path: Path, model_file: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'reg.db'}"
+def test_the_migration_goes_down_and_up(empty_database_url: str, tmp_path: Path, model_file: Path) -> None:
+    url = empty_database_url
     reg = Registry(url, home=tmp_path / "home")
     reg.register(model_file, "a")
     reg.deploy("a", max_batch_size=8)

@@ -14,6 +14,8 @@ import pytest
 from maas.registry import Debris, GcResult, Registry, debris, inuse
 from maas.testing.models import make_linear_model, make_multi_io_model
 
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
+
 
 def kinds(found: Iterable[Debris]) -> dict[str, str]:
     return {d.path: d.kind for d in found}

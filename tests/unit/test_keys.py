@@ -18,6 +18,8 @@ from maas.registry.sql.engine import now
 from maas.serving.access.authenticator import Authenticator, FailureThrottle, bearer
 from maas.serving.access.mode import auth_required, is_loopback
 
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
+
 
 @pytest.fixture
 def keys(registry: Registry) -> KeyStore:
@@ -174,4 +176,11 @@ def test_failure_throttle_window() -> None:
     import time
 
     time.sleep(0.12)
+    assert throttle.blocked_for("x") == 0
+
+
+def test_a_zero_failure_limit_turns_the_throttle_off() -> None:
+    throttle = FailureThrottle(0)
+    for _ in range(5):
+        throttle.failed("x")
     assert throttle.blocked_for("x") == 0

@@ -8,7 +8,6 @@ import random
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -30,12 +29,14 @@ from maas.registry.sql.engine import Database
 from maas.serving.access.context import RequestMeter
 from maas.serving.access.limiter import Limiter
 
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
+
 T0 = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC).timestamp()
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'limits.db'}")
+def db(database_url: str) -> Database:
+    return Database(database_url)
 
 
 def test_durations_read_as_openai_writes_them() -> None:

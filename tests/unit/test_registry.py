@@ -1,3 +1,4 @@
+import threading
 from pathlib import Path
 
 import pytest
@@ -6,6 +7,8 @@ from maas.errors import ArtifactIntegrityError, Conflict, InvalidInput, NotFound
 from maas.registry import Registry
 from maas.registry.sql.engine import SCHEMA_HEAD
 from maas.testing.models import make_linear_model, make_multi_io_model
+
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
 
 
 @pytest.fixture
@@ -193,3 +196,75 @@ def test_schema_head_matches_the_migrations(registry: Registry) -> None:
     cfg.set_main_option("script_location", "maas.registry:migrations")
     assert ScriptDirectory.from_config(cfg).get_current_head() == SCHEMA_HEAD
     assert registry.store.current_revision() == SCHEMA_HEAD
+
+
+def test_every_migration_goes_down_and_up_again(empty_database_url: str, tmp_path: Path) -> None:
+    """Each revision's downgrade removes exactly what its upgrade made, from the head down to an empty database, and
+    the registry opened afterwards brings it back to the head and works."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine, inspect
+
+    cfg = Config()
+    cfg.set_main_option("script_location", "maas.registry:migrations")
+    revisions = [r.revision for r in reversed(list(ScriptDirectory.from_config(cfg).walk_revisions()))]
+    assert revisions[-1] == SCHEMA_HEAD
+    engine = create_engine(empty_database_url)
+
+    def tables() -> set[str]:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+
+    def migrate(action: str, revision: str) -> None:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            getattr(command, action)(cfg, revision)
+
+    made: list[set[str]] = []
+    for revision in revisions:
+        before = tables()
+        migrate("upgrade", revision)
+        made.append(tables() - before)
+        assert made[-1], f"{revision} made no table"
+    for revision, new in zip(reversed(revisions), reversed(made), strict=True):
+        before = tables()
+        migrate("downgrade", "-1")
+        assert before - tables() == new, f"the downgrade of {revision}"
+    assert tables() == set()
+    engine.dispose()
+
+    registry = Registry(empty_database_url, home=tmp_path / "home")
+    assert registry.store.current_revision() == SCHEMA_HEAD
+    mv = registry.register(make_linear_model(tmp_path / "lin.onnx"), "m", alias="production")
+    assert registry.resolve("models:/m").version == mv.version == 1
+
+
+def test_concurrent_updates_of_one_version_lose_no_tag(registry: Registry, model_files: list[Path]) -> None:
+    registry.register(model_files[0], "m")
+    writers = [Registry() for _ in range(4)]  # each its own engine, as separate processes would have
+    errors: list[BaseException] = []
+
+    def work(i: int, r: Registry) -> None:
+        try:
+            for j in range(5):
+                r.update_version("m", 1, tags={f"w{i}-{j}": "x"}, metrics={f"m{i}": float(j)})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i, r)) for i, r in enumerate(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    mv = registry.get_version("m", 1)
+    assert set(mv.tags) == {f"w{i}-{j}" for i in range(4) for j in range(5)}  # each merge saw the one before
+    assert mv.metrics == {f"m{i}": 4.0 for i in range(4)}
+
+
+@pytest.mark.postgres
+def test_a_bare_postgresql_url_opens_with_psycopg(postgres_url: str, tmp_path: Path) -> None:
+    bare = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    registry = Registry(bare, home=tmp_path / "home")
+    assert registry.store.engine.dialect.driver == "psycopg"
+    assert registry.register(make_linear_model(tmp_path / "lin.onnx"), "m").version == 1

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from sqlalchemy import create_engine, text
 from maas.errors import Conflict, InvalidInput, NotFound
 from maas.registry import Registry, RunStep, config_hash
 from maas.registry.sql.engine import SCHEMA_HEAD
+
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
 
 CONFIG = {"model": {"hidden": 64}, "lr": 0.001, "steps": [1, 2]}
 
@@ -199,11 +202,11 @@ def test_a_succeeded_run_cannot_restart(registry: Registry) -> None:
         registry.runs.start_run(run.id)
 
 
-def test_a_0001_database_upgrades_to_runs(tmp_path: Path) -> None:
+def test_a_0001_database_upgrades_to_runs(empty_database_url: str, tmp_path: Path) -> None:
     from alembic import command
     from alembic.config import Config
 
-    url = f"sqlite:///{tmp_path / 'old.db'}"
+    url = empty_database_url
     engine = create_engine(url)
     cfg = Config()
     cfg.set_main_option("script_location", "maas.registry:migrations")
@@ -238,3 +241,25 @@ def test_registry_run_methods_still_work_and_warn_with_their_replacement(registr
         assert registry.log_run_steps(run.id, [(1, 1.0)]) == 1
     with pytest.warns(DeprecationWarning, match=r"registry\.runs\.get_run"):
         assert registry.get_run(run.id) == registry.runs.get_run(run.id)
+
+
+def test_nodes_finishing_at_once_lose_no_metric(registry: Registry) -> None:
+    run = registry.runs.create_run(CONFIG, strategy="ddp", world_size=4)
+    nodes = [Registry() for _ in range(4)]  # each its own engine, as the job's nodes have
+    errors: list[BaseException] = []
+
+    def finish(i: int, r: Registry) -> None:
+        try:
+            for j in range(4):
+                r.runs.finish_run(run.id, status="succeeded", eval_metrics={f"node{i}-{j}": float(i)})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=finish, args=(i, r)) for i, r in enumerate(nodes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    done = registry.runs.get_run(run.id)
+    assert done.status == "succeeded" and set(done.eval_metrics) == {f"node{i}-{j}" for i in range(4) for j in range(4)}

@@ -5,8 +5,9 @@ Per-key Prometheus counters stay within a bounded number of label sets."""
 from __future__ import annotations
 
 import asyncio
+import random
+import threading
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -22,12 +23,14 @@ from maas.serving.access.control import AccessControl
 from maas.serving.access.recorder import UsageRecorder
 from maas.serving.metrics import KeyMetrics
 
+pytestmark = pytest.mark.each_database  # every test that opens a database: on SQLite and on PostgreSQL
+
 AT = datetime(2026, 12, 2, 10, 15, 30, tzinfo=UTC)
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
-    return Database(f"sqlite:///{tmp_path / 'usage.db'}")
+def db(database_url: str) -> Database:
+    return Database(database_url)
 
 
 def test_rows_are_added_to_and_grouped_by_hour_and_day(db: Database) -> None:
@@ -59,6 +62,30 @@ def test_rows_are_added_to_and_grouped_by_hour_and_day(db: Database) -> None:
     assert [(t.key_id, t.requests, t.period) for t in total] == [("k1", 4, None)]
     assert store.prune(minute + timedelta(minutes=1)) == 3  # rows, not requests
     assert sum(t.requests for t in store.query(by="total")) == 4
+
+
+def test_writers_adding_to_the_same_rows_at_once_keep_every_count(database_url: str) -> None:
+    """Servers flush their minutes into shared rows, each in its own order: every count arrives, none waits forever."""
+    rows = [("k", f"m{i}", 1, AT.replace(second=0)) for i in range(40)]
+    errors: list[BaseException] = []
+
+    def flush(seed: int) -> None:
+        store, rng = UsageStore(Database(database_url)), random.Random(seed)
+        try:
+            for _ in range(10):
+                order = rng.sample(rows, len(rows))
+                store.add({key: Counters(requests=1) for key in order})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flush, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    totals = UsageStore(Database(database_url)).query(by="total")
+    assert len(totals) == 40 and {t.requests for t in totals} == {40}
 
 
 def test_since_takes_durations_and_iso_times() -> None:
@@ -126,7 +153,7 @@ class NoStore:
         pass
 
 
-def test_keys_without_limits_cost_no_round_trip_and_usage_is_written_at_stop(home: Path) -> None:
+def test_keys_without_limits_cost_no_round_trip_and_usage_is_written_at_stop(database_url: str) -> None:
     control = AccessControl(Registry(), mode="disabled", host="127.0.0.1", allow_unauthenticated=False)
     control.limiter.store = NoStore()  # type: ignore[assignment]
     free = Principal("abc123abc123", "app", Role.CONSUMER, ("*",), KeyLimits())

@@ -47,9 +47,13 @@ def upsert_add(
     session: Session, table: Table, rows: Sequence[Mapping[str, Any]], keys: Sequence[str], add: Sequence[str]
 ) -> None:
     """Insert ``rows`` into ``table``, or, where a row with the same ``keys`` exists, add their ``add`` columns to it
-    (other columns take the new values). One ``INSERT … ON CONFLICT DO UPDATE`` per chunk, on SQLite and PostgreSQL."""
+    (other columns take the new values). One ``INSERT … ON CONFLICT DO UPDATE`` per chunk, on SQLite and PostgreSQL.
+
+    Rows go in the order of their keys: PostgreSQL locks them one by one, and two writers that lock the same rows in
+    different orders deadlock (one of them is then rolled back after a second)."""
     if not rows:
         return
+    rows = sorted(rows, key=lambda row: tuple(row[k] for k in keys))
     dialect = session.get_bind().dialect.name
     insert = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}.get(dialect)
     if insert is None:

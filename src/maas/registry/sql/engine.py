@@ -2,7 +2,8 @@
 
 SQLite (the embedded default) runs in WAL mode with a busy timeout; write transactions start with
 ``BEGIN IMMEDIATE`` so concurrent writers queue on the database lock instead of failing half-way.
-PostgreSQL (``MAAS_DATABASE_URL``) locks the model row instead.
+PostgreSQL (``MAAS_DATABASE_URL``, driven by psycopg 3; a bare ``postgresql://`` URL gets it too) locks the rows a
+transaction changes from what it read, and the audit log and the limit counters take advisory locks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -30,8 +31,9 @@ T = TypeVar("T")
 
 
 def utc(dt: datetime) -> datetime:
-    """``dt`` as an aware UTC datetime (SQLite hands back naive ones)."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+    """``dt`` as an aware UTC datetime: SQLite hands back naive ones (stored as UTC), PostgreSQL aware ones in the
+    session's time zone, which truncating to an hour or a day must not see."""
+    return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def now() -> datetime:
@@ -59,7 +61,25 @@ def make_engine(url: str, busy_timeout_s: float) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):  # SQLAlchemy would pick psycopg2, which maas does not install
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+#: PostgreSQL's SQLSTATEs of a transaction it rolled back for another's sake: serialization failure, deadlock.
+_PG_RETRY = {"40001", "40P01"}
+
+
+def _retryable(exc: OperationalError | IntegrityError) -> bool:
+    """Whether running the transaction again may succeed: a creation race (a unique key taken meanwhile), SQLite's
+    busy timeout running out, or PostgreSQL rolling it back to end a deadlock or a serialization conflict."""
+    if isinstance(exc, IntegrityError):
+        return True
+    code = getattr(exc.orig, "sqlstate", None)
+    if code is not None:  # PostgreSQL (psycopg)
+        return code in _PG_RETRY
+    return "locked" in str(exc.orig).lower()  # SQLite: "database is locked", "database table is locked"
 
 
 class Database:
@@ -136,8 +156,7 @@ class Database:
                 with Session(self._write_engine, expire_on_commit=False) as s, s.begin():
                     return fn(s)
             except (OperationalError, IntegrityError) as exc:
-                retryable = isinstance(exc, IntegrityError) or "locked" in str(exc).lower()
-                if not retryable or attempt == attempts - 1:
+                if not _retryable(exc) or attempt == attempts - 1:
                     raise
                 time.sleep(0.05 * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")

@@ -95,7 +95,7 @@ class SqlModelStore(MetadataStore):
         metrics: dict[str, float] | None = None,
     ) -> ModelVersion:
         def tx(s: Session) -> ModelVersion:
-            model = model_row(s, name)
+            model = model_row(s, name, lock=True)  # a merge must see the one before it (PostgreSQL)
             row = version_row(s, model, version)
             before = {"description": row.description, "tags": dict(row.tags or {}), "metrics": dict(row.metrics or {})}
             if description is not None:

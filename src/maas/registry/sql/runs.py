@@ -71,13 +71,15 @@ def _to_run(row: RunRow, last_step: int | None = None, last_loss: float | None =
     )
 
 
-def _run_row(s: Session, run_id: str) -> RunRow:
-    """The run whose id is ``run_id`` or starts with it (at least 6 hex digits)."""
+def _run_row(s: Session, run_id: str, *, lock: bool = False) -> RunRow:
+    """The run whose id is ``run_id`` or starts with it (at least 6 hex digits); with ``lock``, its row locked until
+    the transaction ends, so that a change made from what it holds sees the change before it (PostgreSQL)."""
     key = run_key(run_id)
-    row = s.get(RunRow, key)
+    row = s.get(RunRow, key, with_for_update=lock)
     if row is not None:
         return row
-    matches = s.scalars(select(RunRow).where(RunRow.id.startswith(key)).order_by(RunRow.id).limit(5)).all()
+    q = select(RunRow).where(RunRow.id.startswith(key)).order_by(RunRow.id).limit(5)
+    matches = s.scalars(q.with_for_update() if lock else q).all()
     if not matches:
         raise NotFound(f"no run with id {run_id!r}; see `maas runs list`")
     if len(matches) > 1:
@@ -166,7 +168,7 @@ class SqlRunStore(RunStore):
 
     def start_run(self, run_id: str) -> Run:
         def tx(s: Session) -> Run:
-            row = _run_row(s, run_id)
+            row = _run_row(s, run_id, lock=True)
             if row.status == "succeeded":
                 raise Conflict(f"run {row.id[:12]} already succeeded; start a new run instead of resuming it")
             row.status = "running"
@@ -195,7 +197,7 @@ class SqlRunStore(RunStore):
         metrics = {str(k): as_float(v, f"eval metric {k!r}") for k, v in (eval_metrics or {}).items()}
 
         def tx(s: Session) -> Run:
-            row = _run_row(s, run_id)
+            row = _run_row(s, run_id, lock=True)
             if row.status == "succeeded" and status != "succeeded":
                 # Another node of a multi-node job ending badly after the job succeeded: the result stands.
                 return _run(s, row)
