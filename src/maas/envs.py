@@ -214,6 +214,23 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         _str("MAAS_ARTIFACT_KEY_FILE", None),
         "File holding a 32-byte key (raw, hex or base64): artifacts are stored encrypted with AES-256-GCM.",
     ),
+    "MAAS_ARTIFACTS_URL": (
+        _str("MAAS_ARTIFACTS_URL", None),
+        "Where artifacts are stored: a folder (a path or file:///path; default $MAAS_HOME/artifacts) or "
+        "s3://BUCKET/PREFIX, an S3-compatible store reached with boto3's settings (AWS_ENDPOINT_URL, "
+        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION); loads use verified copies in "
+        "$MAAS_HOME/cache/s3.",
+    ),
+    "MAAS_S3_MULTIPART_THRESHOLD_MB": (
+        _num("MAAS_S3_MULTIPART_THRESHOLD_MB", 64.0),
+        "Artifacts larger than this go to an s3:// MAAS_ARTIFACTS_URL as a multipart upload, in parts of this size "
+        "(at least 5), four at a time.",
+    ),
+    "MAAS_S3_PART_DELAY_S": (
+        _num("MAAS_S3_PART_DELAY_S", 0.0),
+        "Test hook, unset in normal use: seconds each multipart upload part waits once sent (to kill an upload "
+        "midway).",
+    ),
     "MAAS_DEVICE": (
         _str("MAAS_DEVICE", "cpu"),
         "Where runtimes execute: cpu, cuda (used when a CUDA provider is available) or auto.",

@@ -76,7 +76,8 @@ class Temporary:
 
 
 class ArtifactStore(Protocol):
-    """Where artifact bytes live. The local store is the embedded default; an object store can follow."""
+    """Where artifact bytes live: a local folder (the embedded default) or an S3 bucket, chosen by
+    ``MAAS_ARTIFACTS_URL`` (:mod:`maas.registry.artifact_stores`)."""
 
     def put(self, source: Path) -> tuple[str, int]:
         """Store a file; return its ``sha256:<hex>`` digest and size in bytes."""
@@ -122,6 +123,12 @@ class ArtifactStore(Protocol):
     def remove_temporary(self, path: Path) -> bool:
         """Remove one of :meth:`temporaries` unless a process holds it; ``True`` when it is gone."""
         ...
+
+
+def open_url(url: str, *, home: Path, key: ArtifactKey | None) -> LocalArtifactStore:
+    """The folder ``url`` names (a path, or ``file:///path``); decrypted copies go to ``home/cache/decrypted``."""
+    path = url.removeprefix("file://")
+    return LocalArtifactStore(Path(path).expanduser(), key=key, decrypted=home / "cache" / "decrypted")
 
 
 class LocalArtifactStore:

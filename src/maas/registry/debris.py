@@ -9,7 +9,8 @@
 - GGUF conversions (``cache/causal_lm/<hex>``) of artifacts no version references, their lock files, conversions
   a dead process left (``.convert-*``, untouched for :data:`EXTRACTION_GRACE_S`) and folders set aside
   (``.discard-*``);
-- plaintext copies of encrypted artifacts (``cache/decrypted/sha256/<2>/<hex>``) no version references.
+- plaintext copies of encrypted artifacts (``cache/decrypted/sha256/<2>/<hex>``) and downloaded copies of S3 objects
+  (``cache/s3/sha256/<2>/<hex>`` and its ``.etag``) no version references.
 
 Everything is decided and removed under the artifact store's exclusive guard. A registration holds the
 guard (shared) from storing its artifact until its version row is committed, and creates and locks its
@@ -44,8 +45,9 @@ EXTRACTION_GRACE_S = 3600.0
 _CACHE_NAME = re.compile(r"([0-9a-f]{64})-[0-9]+")
 #: How ``maas.runtimes.causal_lm.gguf_cache`` names a GGUF's conversion (and its lock file): the GGUF's sha256 hex.
 _CONVERTED_NAME = re.compile(r"\.?([0-9a-f]{64})(?:\.lock)?")
-#: The name of a decrypted copy of an artifact: its sha256 hex (``cache/decrypted/sha256/<2>/<hex>``).
-_HEX = re.compile(r"[0-9a-f]{64}")
+#: The name of a local copy of an artifact: its sha256 hex (``cache/decrypted/sha256/<2>/<hex>``, and
+#: ``cache/s3/sha256/<2>/<hex>`` beside the ``<hex>.etag`` of the S3 object it was downloaded from).
+_COPY_NAME = re.compile(r"([0-9a-f]{64})(?:\.etag)?")
 #: A cache folder renamed for removal; only a collector (holding the exclusive guard) makes these.
 _DOOMED = ".gc-"
 
@@ -124,16 +126,16 @@ def _scan(store: MetadataStore, artifacts: ArtifactStore, home: Path) -> tuple[l
             elif (m := _CONVERTED_NAME.fullmatch(name)) and f"sha256:{m[1]}" not in referenced:
                 remove = _rmtree if name.startswith(".") else _remove_cache
                 found.append(_Found(_debris("cache", entry, home, now), functools.partial(remove, entry)))
-    decrypted = home / "cache" / "decrypted" / "sha256"
-    if decrypted.is_dir():
-        for entry in sorted(p for folder in decrypted.iterdir() if folder.is_dir() for p in folder.iterdir()):
-            if _HEX.fullmatch(entry.name) and f"sha256:{entry.name}" not in referenced:
-                found.append(_Found(_debris("cache", entry, home, now), functools.partial(_unlink, entry)))
+    for copies in (home / "cache" / "decrypted" / "sha256", home / "cache" / "s3" / "sha256"):
+        if copies.is_dir():
+            for entry in sorted(p for folder in copies.iterdir() if folder.is_dir() for p in folder.iterdir()):
+                if (m := _COPY_NAME.fullmatch(entry.name)) and f"sha256:{m[1]}" not in referenced:
+                    found.append(_Found(_debris("cache", entry, home, now), functools.partial(_unlink, entry)))
     return found, in_use
 
 
 def _unlink(path: Path) -> bool:
-    """Remove a plaintext copy of an encrypted artifact that no version uses (a copy, read-only to its owner)."""
+    """Remove a local copy of an artifact that no version uses (read-only to its owner)."""
     try:
         path.unlink()
     except FileNotFoundError:

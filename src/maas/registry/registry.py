@@ -9,7 +9,8 @@ from pathlib import Path
 from maas import envs
 from maas.errors import ArtifactIntegrityError, InvalidInput, NotFound
 from maas.registry import debris, encryption
-from maas.registry.artifacts import ArtifactMissing, ArtifactStore, DigestMismatch, LocalArtifactStore
+from maas.registry.artifact_stores import open_artifact_store
+from maas.registry.artifacts import ArtifactMissing, ArtifactStore, DigestMismatch
 from maas.registry.audit import current_audit_context
 from maas.registry.deployments import DeploymentMethods
 from maas.registry.deprecated import DeprecatedRunMethods
@@ -71,8 +72,8 @@ class Registry(DeploymentMethods, DeprecatedRunMethods):
             self.home.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{self.home / 'maas.db'}"
         self.store: MetadataStore = open_store(url, busy_timeout_s=float(envs.MAAS_DB_BUSY_TIMEOUT_S))
-        self.artifacts: ArtifactStore = artifacts or LocalArtifactStore(
-            self.home / "artifacts", key=encryption.key_from_env(), decrypted=self.home / "cache" / "decrypted"
+        self.artifacts: ArtifactStore = artifacts or open_artifact_store(
+            envs.MAAS_ARTIFACTS_URL, home=self.home, key=encryption.key_from_env()
         )
         #: Training runs: create, log to and read them here (``registry.runs.create_run(...)``).
         self.runs: RunStore = self.store.runs
