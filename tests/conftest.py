@@ -10,7 +10,7 @@ import pytest
 
 from maas.registry import Registry
 
-TIERS = {"unit", "integration", "e2e", "security"}
+TIERS = {"unit", "integration", "e2e", "security", "multihost"}
 
 pytest_plugins = [
     "tests.llm_fixtures",  # smollm_gguf, smollm_dir: the real language model, converted once

@@ -94,6 +94,7 @@ def test_example_configs_are_valid(path: Path) -> None:
         ({"nnodes": 2}, ["needs --rdzv-endpoint HOST:PORT"]),
         ({"nnodes": 2, "node_rank": 2, "rdzv_endpoint": "h:1"}, ["--node-rank 2 is outside 0..1"]),
         ({"nproc_per_node": 0}, ["at least 1"]),
+        ({"nnodes": 2, "rdzv_endpoint": "h:1", "rdzv_conf": "is_host"}, ["--rdzv-conf 'is_host'", "is_host=1"]),
     ],
 )
 def test_bad_launch_arguments_are_refused_before_a_run_is_recorded(

@@ -16,6 +16,12 @@ def train(
     rdzv_id: str | None = typer.Option(
         None, "--rdzv-id", help="The job's name, the same on every node (default: from the config's hash)."
     ),
+    rdzv_conf: str | None = typer.Option(
+        None, "--rdzv-conf", help="More rendezvous settings, KEY=VALUE,... (is_host=1: this node hosts the store)."
+    ),
+    local_addr: str | None = typer.Option(
+        None, "--local-addr", help="The address other nodes reach this one at (default: from the hostname)."
+    ),
     resume: str | None = typer.Option(None, "--resume", help="Continue this run from its last checkpoint."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Restarts of failed workers before giving up."),
 ) -> None:
@@ -31,6 +37,8 @@ def train(
         node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint,
         rdzv_id=rdzv_id,
+        rdzv_conf=rdzv_conf,
+        local_addr=local_addr,
         resume=resume,
         max_restarts=max_restarts,
         progress=RICH_PROGRESS,  # drawn by the worker that reports, on this terminal

@@ -46,6 +46,8 @@ def train(
     node_rank: int | None = None,
     rdzv_endpoint: str | None = None,
     rdzv_id: str | None = None,
+    rdzv_conf: str | None = None,
+    local_addr: str | None = None,
     resume: str | None = None,
     max_restarts: int = 0,
     registry: Registry | None = None,
@@ -58,6 +60,12 @@ def train(
     derive one run id from the endpoint and ``rdzv_id`` (default: the config's hash), so they share one run
     folder (``MAAS_RUNS_DIR`` on a shared filesystem) and, with a shared database, one record. A node that
     finds the run already recorded joins it; a job that already succeeded needs a new ``rdzv_id``.
+
+    Where the machines' hostnames do not name the addresses they reach each other on (containers, network
+    namespaces, several interfaces), give each node its ``local_addr`` (the address its peers reach it at), give
+    the node whose address is the endpoint's ``rdzv_conf="is_host=1"`` (torchrun's ``--rdzv-conf``; it hosts the
+    rendezvous store) and set ``GLOO_SOCKET_IFNAME`` to the interface of that address (gloo otherwise binds the
+    address its hostname resolves to).
 
     ``progress`` is the import path (``package.module:attribute``) of a :class:`~maas.training.loop.Progress`
     factory: the worker that reports builds one and tells it how far the run is (``maas train`` passes its
@@ -81,6 +89,7 @@ def train(
             "--rdzv-id names a new job on several nodes: use it with --nnodes > 1 and without --resume "
             "(a resumed run keeps its id)"
         )
+    extra_rdzv = _rdzv_conf(rdzv_conf)
     registry = registry or Registry()
     world_size = nproc_per_node * nnodes
     if resume is not None:
@@ -124,7 +133,8 @@ def train(
         # c10d assigns node ranks itself; a fixed --node-rank asks for torchrun's static rendezvous instead.
         rdzv_backend="c10d" if node_rank is None else "static",
         rdzv_endpoint=rdzv_endpoint or "localhost:0",
-        rdzv_configs={} if node_rank is None else {"rank": node_rank},
+        rdzv_configs=extra_rdzv | ({} if node_rank is None else {"rank": node_rank}),
+        local_addr=local_addr,
         max_restarts=max_restarts,
         start_method="spawn",
         monitor_interval=0.1,
@@ -153,6 +163,17 @@ def train(
     return registry.runs.finish_run(
         run.id, status="succeeded", eval_metrics=first.get("eval_metrics"), model_uri=first.get("model_uri")
     )
+
+
+def _rdzv_conf(text: str | None) -> dict[str, str]:
+    """torchrun's ``--rdzv-conf`` syntax, ``key=value,key=value``, as a dict."""
+    conf: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInput(f"--rdzv-conf {text!r}: expected KEY=VALUE[,KEY=VALUE...], e.g. is_host=1")
+        conf[key.strip()] = value.strip()
+    return conf
 
 
 def runs_dir(registry: Registry) -> Path:
