@@ -38,6 +38,18 @@ def serve(
         "--allow-unauthenticated",
         help="Serve a non-loopback address with --auth disabled: a proxy in front does the auth.",
     ),
+    engine: str = typer.Option(
+        "uvicorn",
+        "--engine",
+        help="uvicorn (this machine's processes) or ray (replicas on Ray Serve; needs maas[ray]).",
+    ),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="Ray Serve replicas (--engine ray)."),
+    autoscale: str = typer.Option(
+        None, "--autoscale", help="MIN:MAX replicas, scaled by Ray Serve on requests in flight (--engine ray)."
+    ),
+    ray_address: str = typer.Option(
+        None, "--ray-address", help="An existing Ray cluster (ray://host:10001 or host:6379); default: a local Ray."
+    ),
 ) -> None:
     """Serve registered models over the Open Inference Protocol v2 (REST); Ctrl-C stops."""
     from maas.cli.output import console
@@ -57,7 +69,14 @@ def serve(
         auth=auth.strip().lower() if auth else None,
         allow_unauthenticated=allow_unauthenticated or None,
     )
-    if no_grpc:
+    engine = engine.strip().lower()
+    if engine not in ("uvicorn", "ray"):
+        raise typer.BadParameter(f"{engine!r}: expected uvicorn or ray", param_hint="--engine")
+    if engine != "ray" and (replicas > 1 or autoscale or ray_address):
+        raise typer.BadParameter("--replicas, --autoscale and --ray-address need --engine ray", param_hint="--engine")
+    if engine == "ray" and settings.workers > 1:
+        raise typer.BadParameter("with --engine ray, use --replicas N instead of --workers N", param_hint="--workers")
+    if no_grpc or engine == "ray":
         settings = settings.model_copy(update={"grpc_port": None})
     tls = settings.tls() is not None  # checked before anything binds: a bad pair is an error here, not in a worker
     keys = _access(settings, tls)
@@ -67,6 +86,21 @@ def serve(
         scheme = "s" if tls else ""
         grpc = f" and [bold]grpc{scheme}://{s.host}:{s.grpc_port}[/]" if s.grpc_port is not None else ""
         return f"[bold]http{scheme}://{s.host}:{s.port}[/]{grpc}{', API keys required' if keys else ''}"
+
+    if engine == "ray":
+        from maas.serving.ray_engine import parse_autoscale, serve_on_ray
+
+        scale = parse_autoscale(autoscale) if autoscale else None
+        count = f"{scale[0]} to {scale[1]}" if scale else str(replicas)
+
+        def announce_ray() -> None:
+            console.print(
+                f"maas serving on {where(settings)} with {count} Ray Serve replicas (registry: {envs.MAAS_HOME})"
+            )
+
+        raise typer.Exit(
+            serve_on_ray(settings, replicas=replicas, autoscale=scale, address=ray_address, on_ready=announce_ray)
+        )
 
     if processes > 1:
         from maas.serving.workers import Supervisor
@@ -102,5 +136,8 @@ def _access(settings: ServerSettings, tls: bool) -> bool:
         "tls": tls,
         "grpc": settings.grpc_port is not None,
     }
-    record_server_settings(database_of(Registry()), f"{settings.host}:{settings.port}", values)
+    try:
+        record_server_settings(database_of(Registry()), f"{settings.host}:{settings.port}", values)
+    except Exception as exc:  # the registry cannot be opened: the server says so as it starts, in its own words
+        logging.getLogger("maas.serve").warning("the access settings were not recorded in the audit log: %s", exc)
     return required
