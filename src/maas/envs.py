@@ -251,6 +251,12 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
 }
 
 
+def given() -> dict[str, str]:
+    """The ``MAAS_*`` settings set in this process's environment, as strings: what a process started elsewhere (a Ray
+    Serve replica) needs to see the same registry and settings."""
+    return {name: os.environ[name] for name in environment_variables if os.environ.get(name)}
+
+
 def __getattr__(name: str) -> Any:
     if name in environment_variables:
         return environment_variables[name][0]()

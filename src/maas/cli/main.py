@@ -11,7 +11,22 @@ import sys
 import typer
 
 from maas import __version__, envs
-from maas.cli import audit, chat, compress, demo, deploy, gc, keys, model_report, models, runs, serve, train, usage
+from maas.cli import (
+    audit,
+    chat,
+    compress,
+    demo,
+    deploy,
+    deploy_manifest,
+    gc,
+    keys,
+    model_report,
+    models,
+    runs,
+    serve,
+    train,
+    usage,
+)
 from maas.errors import MaasError
 
 app = typer.Typer(
@@ -29,6 +44,7 @@ app.add_typer(deploy.app, name="deployments")
 app.add_typer(audit.app, name="audit")
 app.add_typer(keys.app, name="keys")
 app.command("deploy")(deploy.deploy)
+app.command("deploy-manifest")(deploy_manifest.deploy_manifest)
 app.command("serve")(serve.serve)
 app.command("chat")(chat.chat)
 app.command("demo")(demo.demo)
