@@ -328,7 +328,9 @@ def test_messages_past_the_in_flight_budget_get_unavailable_with_retry_after(bou
     holders = []
     with grpc.insecure_channel(bounded.grpc_address) as channel:
         try:
-            head = f"POST /v2/models/reduce/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {BOUNDED_MESSAGE}\r\n\r\n"
+            head = (
+                f"POST /v2/models/reduce/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {BOUNDED_MESSAGE}\r\n\r\n"
+            )
             for _ in range(3):
                 s = socket.create_connection(("127.0.0.1", bounded.port), timeout=10)
                 s.sendall(head.encode() + b"0" * (BOUNDED_MESSAGE - MiB // 2))

@@ -231,7 +231,7 @@ def test_unknown_paths_and_methods_are_openai_errors(http: httpx.Client) -> None
 def test_a_client_leaving_mid_stream_breaks_nothing(server: RemoteServer, http: httpx.Client) -> None:
     body = orjson.dumps(CHAT | {"stream": True, "max_tokens": 200})
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
         assert sock.recv(64).startswith(b"HTTP/1.1 200")
     assert http.post("/v1/chat/completions", json=CHAT).status_code == 200

@@ -291,7 +291,7 @@ def test_half_sent_headers_are_cut_off(server: RemoteServer) -> None:
     def attack() -> None:
         socks = [_connect(server) for _ in range(10)]
         for s in socks:
-            s.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            s.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
         started = time.monotonic()
         for s in socks:
             s.sendall(b"a")  # a byte now and then must not keep the connection
@@ -314,7 +314,7 @@ def test_silent_connections_are_closed(server: RemoteServer) -> None:
 
 def test_half_sent_body_is_408_and_memory_is_released(server: RemoteServer) -> None:
     sock = _connect(server)
-    head = b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head = b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     sock.sendall(head + b"Content-Length: 1000000\r\n\r\n" + b"[" * 1000)
     answer = _read_all(sock, 8)
     sock.close()
@@ -351,10 +351,8 @@ def test_bytes_in_flight_are_capped_with_503(server: RemoteServer) -> None:
         # Two slow uploads hold most of the budget; the next large body is refused at once, with Retry-After.
         for _ in range(2):
             s = _connect(server)
-            s.sendall(
-                f"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {20 * MiB}\r\n\r\n".encode()
-                + b"0" * (19 * MiB)
-            )
+            head = f"POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {20 * MiB}\r\n\r\n"
+            s.sendall(head.encode() + b"0" * (19 * MiB))
             holders.append(s)
         time.sleep(0.3)
         assert 38 * MiB + 16 * MiB > limit
@@ -418,7 +416,7 @@ def test_a_client_that_never_reads_its_responses_is_dropped(server: RemoteServer
     rows = 60_000
     body, headers = binary_body("x", "FP32", [rows, 4], np.ones((rows, 4), np.float32).tobytes())
     head = (
-        "POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+        "POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n"
         f"Inference-Header-Content-Length: {headers['Inference-Header-Content-Length']}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode()
@@ -488,8 +486,8 @@ def test_many_small_nested_lists_keep_liveness(server: RemoteServer) -> None:
 
 def test_malformed_http_gets_a_json_400(server: RemoteServer) -> None:
     for raw in (
-        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
-        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: +5\r\n\r\nhello",
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     ):
         sock = _connect(server)
         sock.sendall(raw)

@@ -9,6 +9,8 @@ neither header and name the address they connect to, so they are not affected.
 
 from __future__ import annotations
 
+import functools
+import socket
 from urllib.parse import urlsplit
 
 from starlette.types import Scope
@@ -30,16 +32,27 @@ def check_local(scope: Scope) -> None:
             origin = bytes(value).decode("latin-1")
         elif key == b"sec-fetch-site":
             fetch_site = bytes(value).decode("latin-1").strip().lower()
-    if host is not None and not is_loopback(_hostname(host)):
+    if host is not None and not _local_name(_hostname(host)):
         raise Forbidden(
             f"this server serves without API keys on a loopback address and answers only requests for localhost or "
             f"127.0.0.1, not {host[:100]!r}; serve with --auth required to be reached under another name"
         )
-    if fetch_site in _FOREIGN_FETCH or (origin is not None and not is_loopback(_hostname(urlsplit(origin).netloc))):
+    if fetch_site in _FOREIGN_FETCH or (origin is not None and not _local_name(_hostname(urlsplit(origin).netloc))):
         raise Forbidden(
             "a web page may not call a server that serves without API keys (cross-site request refused); "
             "serve with --auth required and give the page's backend a key"
         )
+
+
+@functools.cache
+def _own_names() -> frozenset[str]:
+    """This machine's own names (Debian maps the hostname to 127.0.1.1): a browser on it may use them."""
+    return frozenset(n.lower() for n in (socket.gethostname(), socket.getfqdn()) if n)
+
+
+def _local_name(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return is_loopback(host) or host.endswith(".localhost") or host in _own_names()
 
 
 def _hostname(netloc: str) -> str:
