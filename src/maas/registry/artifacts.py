@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -175,17 +174,8 @@ class LocalArtifactStore:
         # What is prepared here is plaintext: with a key, it goes to the private folder, never under the store.
         where = self._private() if self.key is not None else self._tmp
         where.mkdir(parents=True, exist_ok=True)
-        # Created and locked under the shared guard: a collector (exclusive guard) never sees it unlocked.
-        with self.guard(exclusive=False):
-            path = Path(tempfile.mkdtemp(dir=where, prefix="scratch-"))
-            fd = inuse.hold(path)
-        try:
+        with inuse.held_folder(where, "scratch-", self.guard(exclusive=False)) as path:
             yield path
-        finally:
-            try:
-                shutil.rmtree(path, ignore_errors=True)
-            finally:
-                os.close(fd)
 
     def digests(self) -> list[str]:
         base = self.root / "sha256"
@@ -244,7 +234,7 @@ class LocalArtifactStore:
 
     def _write(self, source: Path, out: BinaryIO, tmp: Path) -> tuple[str, int]:
         with source.open("rb") as src:
-            digest, size = _copy(src, out) if self.key is None else encryption.encrypt(src, out, self.key)
+            digest, size = copy_hashed(src, out) if self.key is None else encryption.encrypt(src, out, self.key)
         out.flush()
         os.fsync(out.fileno())
         final = self._path(digest)
@@ -316,7 +306,8 @@ class LocalArtifactStore:
         self._path(digest, self.decrypted).unlink(missing_ok=True)
 
 
-def _copy(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
+def copy_hashed(src: BinaryIO, out: BinaryIO) -> tuple[str, int]:
+    """Copy ``src`` to ``out``; the ``sha256:<hex>`` digest and size of what was copied."""
     h = hashlib.sha256()
     size = 0
     while chunk := src.read(_CHUNK):

@@ -16,6 +16,7 @@ import fcntl
 import os
 import shutil
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,3 +81,20 @@ def remove_unless_held(path: Path) -> bool:
     except FileNotFoundError:
         pass
     return True
+
+
+@contextlib.contextmanager
+def held_folder(where: Path, prefix: str, guard: contextlib.AbstractContextManager[None]) -> Iterator[Path]:
+    """A new folder in ``where``, held (:func:`hold`) for as long as the block runs and removed after it. It is
+    created and locked inside ``guard`` (the store's shared guard), so a collector holding the exclusive guard never
+    sees it unlocked."""
+    with guard:
+        path = Path(tempfile.mkdtemp(dir=where, prefix=prefix))
+        fd = hold(path)
+    try:
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)

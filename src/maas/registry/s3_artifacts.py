@@ -25,19 +25,17 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from maas.errors import ArtifactIntegrityError, InvalidInput
 from maas.registry import encryption, inuse, s3_client
-from maas.registry.artifacts import ArtifactMissing, DigestMismatch, Temporary, sha256_file
+from maas.registry.artifacts import ArtifactMissing, DigestMismatch, Temporary, copy_hashed, sha256_file
 from maas.registry.encryption import ArtifactKey, ArtifactKeyError
 from maas.registry.s3_client import Location
 
@@ -91,20 +89,9 @@ class S3ArtifactStore:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    @contextlib.contextmanager
-    def _held_folder(self, prefix: str) -> Iterator[Path]:
+    def _held_folder(self, prefix: str) -> contextlib.AbstractContextManager[Path]:
         """A new folder in ``tmp/``, locked as in use (created under the shared guard), removed on exit."""
-        where = self._private()
-        with self.guard(exclusive=False):
-            path = Path(tempfile.mkdtemp(dir=where, prefix=prefix))
-            fd = inuse.hold(path)
-        try:
-            yield path
-        finally:
-            try:
-                shutil.rmtree(path, ignore_errors=True)
-            finally:
-                os.close(fd)
+        return inuse.held_folder(self._private(), prefix, self.guard(exclusive=False))
 
     def scratch(self) -> contextlib.AbstractContextManager[Path]:
         return self._held_folder("scratch-")
@@ -124,7 +111,7 @@ class S3ArtifactStore:
         with self._held_folder("upload-") as folder:
             body = folder / "object"
             with source.open("rb") as src, body.open("wb") as out:
-                digest, size = _copy(src, out) if self.key is None else encryption.encrypt(src, out, self.key)
+                digest, size = copy_hashed(src, out) if self.key is None else encryption.encrypt(src, out, self.key)
             hexdigest = digest.removeprefix("sha256:")
             key = self.location.key(hexdigest)
             _record(folder, {"key": key})
@@ -200,7 +187,7 @@ class S3ArtifactStore:
                         ) from None
                     raise
                 with contextlib.closing(got["Body"]) as body, raw.open("wb") as out:
-                    actual, _ = _copy(body, out)
+                    actual, _ = copy_hashed(body, out)
             plain = raw
             if encryption.is_encrypted(raw):
                 plain = folder / "plain"
@@ -271,13 +258,3 @@ def _hex(digest: str) -> str:
     if algo != "sha256" or not _HEX64.fullmatch(hexdigest):
         raise InvalidInput(f"malformed artifact digest {digest!r}")
     return hexdigest
-
-
-def _copy(src: BinaryIO | Any, out: BinaryIO) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    while chunk := src.read(_CHUNK):
-        h.update(chunk)
-        out.write(chunk)
-        size += len(chunk)
-    return "sha256:" + h.hexdigest(), size
