@@ -14,6 +14,7 @@ import torch
 
 from maas.errors import InvalidInput, RateLimited
 from maas.runtimes.causal_lm.model import DecoderLM, LMConfig
+from maas.runtimes.causal_lm.precision import OneDnnLinear
 from maas.serving.llm.engine import BatchingEngine, EngineLimits
 from maas.serving.llm.types import GenerationRequest, SamplingParams
 
@@ -44,9 +45,16 @@ def hf_pair() -> tuple[Any, DecoderLM]:
     return hf, ours.eval()
 
 
-@pytest.fixture(scope="module")
-def model(hf_pair: tuple[Any, DecoderLM]) -> DecoderLM:
-    return hf_pair[1]
+@pytest.fixture(scope="module", params=["torch kernels", "oneDNN"])
+def model(hf_pair: tuple[Any, DecoderLM], request: pytest.FixtureRequest) -> DecoderLM:
+    """The decoder with torch's default linear kernels, and as it is served (float32 layers run by oneDNN)."""
+    if request.param == "torch kernels":
+        return hf_pair[1]
+    served = copy.deepcopy(hf_pair[1]).with_weights("float32")
+    if not isinstance(served.lm_head, OneDnnLinear):
+        pytest.skip("oneDNN's linear kernel is unavailable or not batch-invariant on this machine")
+    assert all(isinstance(getattr(b, n), OneDnnLinear) for b in served.layers for n in ("qkv", "o", "gate_up", "down"))
+    return served
 
 
 def prompts(n: int) -> list[tuple[int, ...]]:
@@ -71,8 +79,8 @@ async def collect(engine: BatchingEngine, prompt: tuple[int, ...], params: Sampl
     return tokens, last
 
 
-def test_logits_match_transformers(hf_pair: tuple[Any, DecoderLM]) -> None:
-    hf, ours = hf_pair
+def test_logits_match_transformers(hf_pair: tuple[Any, DecoderLM], model: DecoderLM) -> None:
+    hf, ours = hf_pair[0], model
     ids = [*prompts(1)[0], 5, 6, 7]
     with torch.inference_mode():
         want = hf(torch.tensor([ids])).logits[0]
@@ -84,7 +92,8 @@ def test_logits_match_transformers(hf_pair: tuple[Any, DecoderLM]) -> None:
         assert torch.allclose(step[0], want[len(ids) - 3 + offset], atol=1e-4)
 
 
-def test_bfloat16_weights_stay_close_to_float32(model: DecoderLM) -> None:
+def test_bfloat16_weights_stay_close_to_float32(hf_pair: tuple[Any, DecoderLM]) -> None:
+    model = hf_pair[1]
     light = copy.deepcopy(model).with_weights("bfloat16")
     assert light.blocks[0].qkv.weight.dtype == torch.bfloat16 and light.embed.weight.dtype == torch.float32
     ids = list(prompts(1)[0])
@@ -100,12 +109,13 @@ def test_refuses_other_architectures() -> None:
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16", "bfloat16 weights"])
-def test_a_rows_result_does_not_depend_on_the_batch(model: DecoderLM, precision: str) -> None:
-    model = copy.deepcopy(model)
+def test_a_rows_result_does_not_depend_on_the_batch(
+    hf_pair: tuple[Any, DecoderLM], model: DecoderLM, precision: str
+) -> None:
     if precision == "bfloat16":
-        model = model.to(torch.bfloat16)
+        model = copy.deepcopy(hf_pair[1]).to(torch.bfloat16)
     elif precision == "bfloat16 weights":
-        model = model.with_weights("bfloat16")
+        model = copy.deepcopy(hf_pair[1]).with_weights("bfloat16")
     seqs = prompts(6)
     alone = []
     for s in seqs:

@@ -58,6 +58,9 @@ def weight_bytes(model: torch.nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_mkldnn:  # oneDNN's own tensor type (float32 layers): no shared storage to look at
+            total += t.numel() * t.element_size()
+            continue
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen:
             seen.add(storage.data_ptr())

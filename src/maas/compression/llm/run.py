@@ -23,6 +23,7 @@ from maas.compression.result import CompressResult, MetricDropTooLarge, register
 from maas.errors import InvalidInput, NotFound
 from maas.registry import Registry
 from maas.registry.uri import validate_alias, validate_name
+from maas.runtimes.causal_lm.precision import OneDnnLinear
 from maas.runtimes.causal_lm.runtime import FORMAT, CausalLMRuntime
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def _runs_as(rt: CausalLMRuntime) -> str:
     weights, bfloat16 activations``)."""
     model = rt.model
     linears = [getattr(b, n) for b in model.layers for n in ("qkv", "o", "gate_up", "down")] + [model.lm_head]
-    weights = sorted({str(m.weight.dtype).removeprefix("torch.") for m in linears})
+    held = [m.matrix if isinstance(m, OneDnnLinear) else m.weight for m in linears]
+    weights = sorted({str(w.dtype).removeprefix("torch.") for w in held})
     activations = str(model.dtype).removeprefix("torch.")
     if weights == [activations]:
         return activations
