@@ -1,17 +1,21 @@
-"""``maas serve --engine ray --replicas 2``: the maas app as a Ray Serve deployment on a local Ray. Requests are spread
-over both replicas, both follow an alias move, a replica killed while a client keeps sending is replaced and fails
-at most the request it was running, and every port Ray opens is on loopback."""
+"""``maas serve --engine ray --replicas 2``: the maas app as a Ray Serve deployment on a local Ray behind maas' front.
+Requests are spread over both replicas, both follow an alias move, streams are relayed part by part and cancelled
+when their client leaves, the front bounds bodies and survives bad clients, replicas killed while clients keep
+sending are replaced without a single failed request, and every port Ray opens is on loopback."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -21,6 +25,7 @@ from maas.registry import Registry
 from maas.testing import processes
 from maas.testing.models import make_linear_model
 from maas.testing.server import RemoteServer, free_port
+from tests.llm_fixtures import write_tiny_llm_dir
 
 pytestmark = [
     pytest.mark.slow,
@@ -32,6 +37,7 @@ pytestmark = [
 ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
 REPLICA = "x-maas-replica"
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+LIMIT = 1 << 20  # MAAS_MAX_REQUEST_BYTES of the server under test
 
 
 def infer(client: httpx.Client) -> httpx.Response:
@@ -57,15 +63,17 @@ def answering(client: httpx.Client, count: int = 40) -> set[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteServer, Registry, httpx.Client]]:
-    """Two replicas over a registry holding `linear` 1 (production) and 2."""
+    """Two replicas over a registry holding `linear` 1 (production) and 2, and `chat` (a tiny language model)."""
     home = tmp_path_factory.mktemp("ray-home")
     models = tmp_path_factory.mktemp("m")
     reg = Registry(home=home)
     reg.register(make_linear_model(models / "v1.onnx", seed=1), "linear", alias="production")
     reg.register(make_linear_model(models / "v2.onnx", seed=2), "linear")
+    reg.register(write_tiny_llm_dir(models / "tiny", max_position_embeddings=8192), "chat", format="causal_lm")
     started = time.monotonic()
+    env = {"MAAS_MAX_REQUEST_BYTES": str(LIMIT), "MAAS_LLM_KV_CACHE_MB": "64"}
     with (
-        RemoteServer(home, args=["--engine", "ray", "--replicas", "2"], ready_timeout_s=240) as server,
+        RemoteServer(home, args=["--engine", "ray", "--replicas", "2"], env=env, ready_timeout_s=240) as server,
         httpx.Client(base_url=server.url, timeout=30) as client,
     ):
         deadline = time.monotonic() + 120
@@ -124,22 +132,113 @@ def test_every_port_ray_opens_is_on_loopback(served: tuple[RemoteServer, Registr
     assert {ip for _, ip, _ in listening} <= LOOPBACK, sorted(listening)
 
 
-def test_a_killed_replica_is_replaced_and_fails_at_most_what_it_was_running(
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_stream_is_relayed_part_by_part_and_cancelled_when_its_client_leaves(
+    served: tuple[RemoteServer, Registry, httpx.Client],
+) -> None:
+    _, _, client = served
+    ask = {"model": "chat", "messages": [{"role": "user", "content": "Hello, world!"}], "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json={**ask, "max_tokens": 20}) as whole:
+        assert whole.status_code == 200 and whole.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in whole.iter_lines() if line.startswith("data: ")]
+    assert len(events) > 3 and events[-1] == "data: [DONE]"
+
+    # A long generation left after a few pieces: had the front waited for the whole answer, it would have ended
+    # ("length" or "stop"); relayed part by part, the client's leaving reaches the replica's app, which cancels it.
+    # Four long choices: the tiny random model may end one by chance before the cancel arrives, hardly all four.
+    with client.stream("POST", "/v1/chat/completions", json={**ask, "max_tokens": 8000, "n": 4}) as partial:
+        replica = partial.headers[REPLICA]
+        pieces = 0
+        for line in partial.iter_lines():
+            pieces += line.startswith("data: ")
+            if pieces == 8:
+                break
+    deadline = time.monotonic() + 20
+    while True:
+        scrape = client.get("/metrics")  # each replica's own counters: read until the stream's replica answers
+        counted = _metric(scrape.text, "maas_llm_requests_total", model="chat", reason="cancelled")
+        if scrape.headers[REPLICA] == replica and counted >= 1:
+            break
+        assert time.monotonic() < deadline, (replica, scrape.headers[REPLICA], scrape.text[-1500:])
+        time.sleep(0.1)
+
+
+def test_a_body_over_the_limit_is_refused_by_the_front(served: tuple[RemoteServer, Registry, httpx.Client]) -> None:
+    _, _, client = served
+    declared = client.post("/v2/models/linear/infer", content=b" " * (LIMIT + 1))
+    assert declared.status_code == 413 and "MAAS_MAX_REQUEST_BYTES" in declared.json()["error"]
+    assert REPLICA not in declared.headers  # answered by the front: nothing was forwarded
+
+    def pieces() -> Iterator[bytes]:  # no content-length: found over the limit while reading
+        for _ in range(LIMIT // 65536 + 2):
+            yield b" " * 65536
+
+    chunked = client.post("/v2/models/linear/infer", content=pieces())
+    assert chunked.status_code == 413 and REPLICA not in chunked.headers
+    assert infer(client).status_code == 200
+
+
+def _raw(server: RemoteServer, data: bytes, *, read: bool = True) -> bytes:
+    """What the server answers to ``data`` sent as is, until it closes the connection (b"reset" if it resets it)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(data)
+        if not read:
+            return b""
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            return received or b"reset"
+        return received
+
+
+def test_bad_requests_and_leaving_clients_leave_the_front_serving(
     served: tuple[RemoteServer, Registry, httpx.Client],
 ) -> None:
     server, _, client = served
-    before = answering(client)
-    replicas = replicas_of(server.home)
-    assert len(replicas) == 2
+    huge = _raw(server, b"GET /v2/health/ready HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000)  # never ends
+    assert huge.startswith(b"HTTP/1.1 431") or huge == b"reset", huge[:200]
+    assert _raw(server, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.1 400")
+    # A body cut off by the client, and a client gone before its answer: neither reaches past the front's read,
+    # or both are dropped without trouble.
+    head = b"POST /v2/models/linear/infer HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+    _raw(server, head + b"content-length: 1000\r\n\r\n" + b'{"inputs": ', read=False)
+    body = json.dumps(ROW).encode()
+    for _ in range(5):
+        _raw(server, head + b"content-length: %d\r\n\r\n" % len(body) + body, read=False)
+    assert server.alive() and infer(client).status_code == 200
+    assert "Traceback" not in server.log()
+
+
+def _replaced(server: RemoteServer, answers: list[str], before: set[str], failures: list[str], killed: float) -> None:
+    """Wait until a replica not in ``before`` answers, and two answer, among the latest answers."""
+    while len(set(answers[-40:]) - before) < 1 or len(set(answers[-40:])) < 2:
+        assert time.monotonic() < killed + 90 and server.alive(), (failures[:5], server.log()[-3000:])
+        time.sleep(0.1)
+
+
+def test_replicas_killed_under_load_fail_no_request(served: tuple[RemoteServer, Registry, httpx.Client]) -> None:
+    server, _, client = served
+    first = answering(client)
+    originals = replicas_of(server.home)
+    assert len(originals) == 2 and len(first) == 2
     answers: list[str] = []
     failures: list[str] = []
     stop = threading.Event()
 
-    def keep_sending() -> None:
-        with httpx.Client(base_url=server.url, timeout=30) as own:
+    def keep_sending(path: str, body: dict[str, Any]) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as own:
             while not stop.is_set():
                 try:
-                    response = own.post("/v2/models/linear/infer", json=ROW)
+                    response = own.post(path, json=body)
                 except httpx.HTTPError as exc:
                     failures.append(repr(exc))
                     continue
@@ -148,24 +247,33 @@ def test_a_killed_replica_is_replaced_and_fails_at_most_what_it_was_running(
                 else:
                     failures.append(f"{response.status_code} {response.text[:200]}")
 
-    sender = threading.Thread(target=keep_sending)
-    sender.start()
+    # Four clients of quick inferences, and two of generations long enough that a replica is nearly always running
+    # some when it is killed (so requests do die with it, and are sent again).
+    chat = {"model": "chat", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 100, "n": 2}
+    senders = [threading.Thread(target=keep_sending, args=("/v2/models/linear/infer", ROW)) for _ in range(4)]
+    senders += [threading.Thread(target=keep_sending, args=("/v1/chat/completions", chat)) for _ in range(2)]
+    for sender in senders:
+        sender.start()
     try:
         time.sleep(1.0)
-        killed = time.monotonic()
-        replicas[0].send_signal(signal.SIGKILL)
-        deadline = killed + 90
-        while len(set(answers[-40:]) - before) < 1 or len(set(answers[-40:])) < 2:  # a new replica answers too
-            assert time.monotonic() < deadline and server.alive(), (failures[:5], server.log()[-3000:])
-            time.sleep(0.1)
-        print(f"replaced in {time.monotonic() - killed:.1f}s; {len(answers)} answered, {len(failures)} failed")
+        # Kill one replica, wait for its replacement, then kill the other original: every request either replica was
+        # running when it died is sent again to a live one by the front.
+        for victim in originals:
+            before = set(answers[-40:])
+            killed = time.monotonic()
+            victim.send_signal(signal.SIGKILL)
+            _replaced(server, answers, before, failures, killed)
+            print(f"replaced in {time.monotonic() - killed:.1f}s; {len(answers)} answered, {len(failures)} failed")
     finally:
         stop.set()
-        sender.join()
-    # Ray Serve retries a request on another replica unless the dead one had accepted it: only a request the killed
-    # replica was running fails (a 500). One client sending one request at a time has at most one such request.
-    assert len(failures) <= 1 and all(f.startswith("500") for f in failures), failures[:5]
+        for sender in senders:
+            sender.join()
+    assert failures == [], failures[:5]
     assert len(replicas_of(server.home)) == 2
+    assert not set(answers[-40:]) & first  # both originals gone, their replacements answering
+    retried = server.log().count("; trying another")
+    print(f"{retried} requests died with their replica and were sent again")
+    assert retried >= 1
 
 
 def test_replicas_need_the_ray_engine(home: Path, cli_env: dict[str, str]) -> None:

@@ -88,7 +88,7 @@ def serve(
         return f"[bold]http{scheme}://{s.host}:{s.port}[/]{grpc}{', API keys required' if keys else ''}"
 
     if engine == "ray":
-        from maas.serving.ray_engine import parse_autoscale, serve_on_ray
+        from maas.serving.ray import parse_autoscale, serve_on_ray
 
         scale = parse_autoscale(autoscale) if autoscale else None
         count = f"{scale[0]} to {scale[1]}" if scale else str(replicas)

@@ -1,0 +1,145 @@
+"""``maas serve --engine ray``: deploy the replicas on Ray Serve, serve the front on the port, stop both on a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from maas import envs
+from maas.errors import InvalidInput
+from maas.serving.settings import ServerSettings
+from maas.serving.workers import runtime_threads
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "maas"
+#: Ray Serve's per-request access log off (maas meters and counts requests itself); warnings and errors kept.
+REPLICA_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``MIN:MAX`` -> (min, max) replicas, 0 <= min <= max, max >= 1."""
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi)
+    except ValueError:
+        low = high = -1
+    if not sep or low < 0 or high < max(low, 1):
+        raise InvalidInput(
+            f"--autoscale {text!r}: expected MIN:MAX replicas with 0 <= MIN <= MAX, e.g. --autoscale 1:4"
+        )
+    return low, high
+
+
+def replica_settings(settings: ServerSettings) -> dict[str, Any]:
+    """What each replica serves with: HTTP only (forwarded by the front; no gRPC), one process per replica."""
+    return settings.model_copy(update={"grpc_port": None, "workers": 1}).model_dump(mode="json")
+
+
+def deployment_options(replicas: int, autoscale: tuple[int, int] | None) -> dict[str, Any]:
+    if autoscale is None:
+        return {"num_replicas": replicas}
+    low, high = autoscale
+    return {
+        "autoscaling_config": {
+            "min_replicas": low,
+            "max_replicas": high,
+            "initial_replicas": min(max(replicas, low), high),
+            "target_ongoing_requests": 4,
+        }
+    }
+
+
+def serve_on_ray(
+    settings: ServerSettings,
+    *,
+    replicas: int,
+    autoscale: tuple[int, int] | None = None,
+    address: str | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> int:
+    """Deploy maas on Ray Serve, serve the front once every replica runs, and block until SIGINT/SIGTERM; then stop
+    the front, delete the app and, if Ray was started here, stop it. Returns the exit code."""
+    if not address:
+        # A local Ray is one node on loopback: Ray's "not a cluster" mode (its default on macOS and Windows) gives every
+        # Ray process 127.0.0.1 as the node address, so its gRPC servers bind there and nowhere else. Read by Ray at
+        # import and by the processes it starts, hence set in this process's environment first.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise InvalidInput(
+            "--engine ray needs Ray Serve, which is not installed: pip install 'maas[ray]' (or 'ray[serve]>=2.40')"
+        ) from None
+
+    from maas.serving.ray.front import Front
+    from maas.serving.ray.listener import Listener
+    from maas.serving.ray.replica import MaasReplica
+
+    listener = Listener(settings)  # the port, bound before Ray starts: a taken one fails at once
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        _start_ray(ray, replicas, autoscale, address)
+    except BaseException:
+        listener.stop()
+        raise
+    try:
+        serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
+        deployment = serve.deployment(
+            name="MaasReplica",
+            max_ongoing_requests=64,
+            health_check_period_s=2,
+            health_check_timeout_s=10,
+            graceful_shutdown_timeout_s=10,
+            **deployment_options(replicas, autoscale),
+        )(serve.ingress()(MaasReplica))
+        app = deployment.bind(replica_settings(settings), not address)
+        # No route prefix: Ray's proxies (those of an existing cluster's Serve) do not expose the app.
+        handle = serve.run(app, name=APP_NAME, route_prefix=None, blocking=False, logging_config=REPLICA_LOGGING)
+        if not stop.is_set():
+            listener.start(Front(handle, listener.settings))
+            if on_ready is not None:
+                on_ready()
+        while not stop.wait(0.5):
+            if not listener.alive():
+                log.error("the front server stopped; shutting down")
+                return 1
+    finally:
+        listener.stop()  # first: the answers in progress finish while their replicas still run
+        try:
+            if address:
+                serve.delete(APP_NAME)  # the cluster and its Serve outlive us: remove only our app
+            else:
+                serve.shutdown()  # type: ignore[no-untyped-call]
+        finally:
+            ray.shutdown()
+    return 0
+
+
+def _start_ray(ray: Any, replicas: int, autoscale: tuple[int, int] | None, address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray sized for the replicas; every ``MAAS_*`` setting given
+    here reaches the replicas through the ``runtime_env``."""
+    env_vars = {**envs.given(), "RAY_USAGE_STATS_ENABLED": "0"}
+    high = autoscale[1] if autoscale else replicas
+    if not address:  # the replicas share this machine's CPUs, as --workers do (on a cluster Ray gives each its share)
+        threads = str(envs.MAAS_RUNTIME_THREADS or runtime_threads(high))
+        defaults = {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if name not in os.environ}
+        env_vars = {**defaults, "MAAS_RUNTIME_THREADS": threads, **env_vars}
+    runtime_env = {"env_vars": env_vars}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            include_dashboard=False,
+            num_cpus=max(os.cpu_count() or 1, high),
+            runtime_env=runtime_env,
+            logging_level=logging.WARNING,
+        )
