@@ -24,7 +24,7 @@ import pytest
 from maas.registry import Registry
 from maas.testing import processes
 from maas.testing.models import make_linear_model
-from maas.testing.server import RemoteServer, free_port
+from maas.testing.server import RemoteServer, free_port, scraped
 from tests.llm_fixtures import write_tiny_llm_dir
 
 pytestmark = [
@@ -93,12 +93,25 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
         assert not alive, [p.cmdline() for p in alive]
 
 
-def test_requests_are_spread_over_both_replicas(served: tuple[RemoteServer, Registry, httpx.Client]) -> None:
+def test_requests_are_spread_over_both_replicas_and_counted_together(
+    served: tuple[RemoteServer, Registry, httpx.Client],
+) -> None:
     server, _, client = served
-    assert len(answering(client)) == 2
+
+    def served_so_far() -> dict[str, float]:  # as each replica counts: a scrape lands on one of them
+        out: dict[str, float] = {}
+        while len(out) < 2:
+            scrape = client.get("/metrics")
+            assert scrape.status_code == 200
+            out[scrape.headers[REPLICA]] = scraped(scrape.text, "maas_inference_requests_total", model="linear")
+        return out
+
+    before = served_so_far()
+    assert len(answering(client)) == 2  # 40 requests, answered by both
     assert len(replicas_of(server.home)) == 2
-    metrics = client.get("/metrics")  # each replica's own metrics; a request lands on one of them
-    assert metrics.status_code == 200 and "maas_inference_requests_total" in metrics.text
+    after = served_so_far()
+    # The replicas share one set of metric files (as --workers do): each shows the 40 requests, not its own share.
+    assert {replica: after[replica] - before[replica] for replica in after} == dict.fromkeys(after, 40.0)
 
 
 def test_an_alias_move_reaches_both_replicas_within_2s(served: tuple[RemoteServer, Registry, httpx.Client]) -> None:
@@ -132,14 +145,6 @@ def test_every_port_ray_opens_is_on_loopback(served: tuple[RemoteServer, Registr
     assert {ip for _, ip, _ in listening} <= LOOPBACK, sorted(listening)
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_a_stream_is_relayed_part_by_part_and_cancelled_when_its_client_leaves(
     served: tuple[RemoteServer, Registry, httpx.Client],
 ) -> None:
@@ -163,7 +168,7 @@ def test_a_stream_is_relayed_part_by_part_and_cancelled_when_its_client_leaves(
     deadline = time.monotonic() + 20
     while True:
         scrape = client.get("/metrics")  # each replica's own counters: read until the stream's replica answers
-        counted = _metric(scrape.text, "maas_llm_requests_total", model="chat", reason="cancelled")
+        counted = scraped(scrape.text, "maas_llm_requests_total", model="chat", reason="cancelled")
         if scrape.headers[REPLICA] == replica and counted >= 1:
             break
         assert time.monotonic() < deadline, (replica, scrape.headers[REPLICA], scrape.text[-1500:])
@@ -274,6 +279,20 @@ def test_replicas_killed_under_load_fail_no_request(served: tuple[RemoteServer, 
     retried = server.log().count("; trying another")
     print(f"{retried} requests died with their replica and were sent again")
     assert retried >= 1
+
+    # The killed replicas' live gauges (models loaded, requests running) leave the shared metrics: only files of
+    # living processes stay.
+    folders = {p.environ()["PROMETHEUS_MULTIPROC_DIR"] for p in replicas_of(server.home)}
+    assert len(folders) == 1
+    folder = Path(folders.pop())
+    deadline = time.monotonic() + 10
+    while stale := [f.name for f in folder.glob("gauge_live*.db") if not psutil.pid_exists(_pid_of(f))]:
+        assert time.monotonic() < deadline, stale
+        time.sleep(0.2)
+
+
+def _pid_of(metric_file: Path) -> int:
+    return int(metric_file.stem.rsplit("_", 1)[1])
 
 
 def test_replicas_need_the_ray_engine(home: Path, cli_env: dict[str, str]) -> None:

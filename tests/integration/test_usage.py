@@ -20,7 +20,7 @@ from maas.access.keys import KeyStore, database_of
 from maas.access.usage import Counters, UsageStore
 from maas.registry import Registry
 from maas.testing.models import make_linear_model
-from maas.testing.server import RemoteServer
+from maas.testing.server import RemoteServer, scraped
 from tests.llm_fixtures import write_tiny_llm_dir
 
 pytestmark = pytest.mark.slow
@@ -39,14 +39,6 @@ def _totals(store: UsageStore, key_id: str) -> dict[str, Counters]:
         fields = ("requests", "errors", "items", "prompt_tokens", "completion_tokens", "compute_s")
         out.setdefault(t.model, Counters()).add(Counters(*(getattr(t, f) for f in fields)))
     return out
-
-
-def _metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_usage_rows_add_up_to_what_was_served(tmp_path: Path) -> None:
@@ -106,7 +98,7 @@ def test_usage_rows_add_up_to_what_was_served(tmp_path: Path) -> None:
                 if received == 5:
                     break
         time.sleep(1.0)  # the server notices the client left
-        scraped = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text
+        scrape = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {admin}"}).text
         server.stop()  # SIGINT: the supervisor stops its workers with SIGTERM; each writes what it holds
 
     totals = _totals(store, key.id)
@@ -126,6 +118,6 @@ def test_usage_rows_add_up_to_what_was_served(tmp_path: Path) -> None:
     abandoned = chat.completion_tokens - answered
     assert received <= abandoned <= 1500, (received, abandoned)
     # The server's own count of the tokens it generated (abandoned ones included) bounds what was metered.
-    generated = _metric(scraped, "maas_llm_tokens_total", model="chat", kind="completion")
+    generated = scraped(scrape, "maas_llm_tokens_total", model="chat", kind="completion")
     assert answered + received <= chat.completion_tokens <= generated
-    assert re.search(r"maas_llm_tokens_total\{", scraped)
+    assert re.search(r"maas_llm_tokens_total\{", scrape)

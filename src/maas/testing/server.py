@@ -24,6 +24,15 @@ def free_port() -> int:
         return port
 
 
+def scraped(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples of metric ``name`` in a Prometheus scrape ``text`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 class RemoteServer:
     """Start ``maas serve`` with ``MAAS_HOME=home``; wait until ``/v2/health/ready`` answers 200.
 

@@ -80,16 +80,20 @@ def serve_on_ray(
 
     from maas.serving.ray.front import Front
     from maas.serving.ray.listener import Listener
+    from maas.serving.ray.metrics import SharedMetrics
     from maas.serving.ray.replica import MaasReplica
 
     listener = Listener(settings)  # the port, bound before Ray starts: a taken one fails at once
+    shared = None if address else SharedMetrics()  # replicas on one machine: one /metrics for all
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _start_ray(ray, replicas, autoscale, address)
+        _start_ray(ray, replicas, autoscale, address, shared.env if shared else {})
     except BaseException:
         listener.stop()
+        if shared is not None:
+            shared.close()
         raise
     try:
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
@@ -112,6 +116,8 @@ def serve_on_ray(
             if not listener.alive():
                 log.error("the front server stopped; shutting down")
                 return 1
+            if shared is not None:
+                shared.reap()
     finally:
         listener.stop()  # first: the answers in progress finish while their replicas still run
         try:
@@ -121,13 +127,17 @@ def serve_on_ray(
                 serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
+            if shared is not None:
+                shared.close()
     return 0
 
 
-def _start_ray(ray: Any, replicas: int, autoscale: tuple[int, int] | None, address: str | None) -> None:
+def _start_ray(
+    ray: Any, replicas: int, autoscale: tuple[int, int] | None, address: str | None, env: dict[str, str]
+) -> None:
     """Join the cluster at ``address``, or start a local Ray sized for the replicas; every ``MAAS_*`` setting given
-    here reaches the replicas through the ``runtime_env``."""
-    env_vars = {**envs.given(), "RAY_USAGE_STATS_ENABLED": "0"}
+    here, and ``env``, reach the replicas through the ``runtime_env``."""
+    env_vars = {**envs.given(), "RAY_USAGE_STATS_ENABLED": "0", **env}
     high = autoscale[1] if autoscale else replicas
     if not address:  # the replicas share this machine's CPUs, as --workers do (on a cluster Ray gives each its share)
         threads = str(envs.MAAS_RUNTIME_THREADS or runtime_threads(high))
