@@ -1,7 +1,8 @@
 """``maas serve --engine ray --replicas 2``: the maas app as a Ray Serve deployment on a local Ray behind maas' front.
 Requests are spread over both replicas, both follow an alias move, streams are relayed part by part and cancelled
 when their client leaves, the front bounds bodies and survives bad clients, replicas killed while clients keep
-sending are replaced without a single failed request, and every port Ray opens is on loopback."""
+sending are replaced without a single failed request (REST and gRPC), gRPC is served through the front as by plain
+`maas serve`, and every port Ray opens is on loopback."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
+import numpy as np
 import psutil
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from maas.registry import Registry
 from maas.testing import processes
@@ -44,6 +49,12 @@ def infer(client: httpx.Client) -> httpx.Response:
     response = client.post("/v2/models/linear/infer", json=ROW)
     assert response.status_code == 200, response.text
     return response
+
+
+def grpc_row() -> list[grpcclient.InferInput]:
+    x = grpcclient.InferInput("x", [1, 4], "FP32")
+    x.set_data_from_numpy(np.array([ROW["inputs"][0]["data"]], dtype=np.float32))
+    return [x]
 
 
 def replicas_of(home: Path) -> list[psutil.Process]:
@@ -77,8 +88,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RemoteSer
         httpx.Client(base_url=server.url, timeout=30) as client,
     ):
         deadline = time.monotonic() + 120
-        # /ready is answered by one replica first; the line is printed once Ray Serve has them all running.
-        while "with 2 Ray Serve replicas" not in server.log() or len(answering(client, 10)) < 2:
+        # /ready is answered by one replica first; the line is printed (wrapped) once Ray Serve has them all running.
+        while "with 2 Ray Serve replicas" not in " ".join(server.log().split()) or len(answering(client, 10)) < 2:
             assert server.alive() and time.monotonic() < deadline, server.log()
             time.sleep(0.2)
         print(f"two replicas serving after {time.monotonic() - started:.1f}s")
@@ -223,6 +234,27 @@ def test_bad_requests_and_leaving_clients_leave_the_front_serving(
     assert "Traceback" not in server.log()
 
 
+def test_grpc_is_served_through_the_front_as_by_plain_maas_serve(
+    served: tuple[RemoteServer, Registry, httpx.Client],
+) -> None:
+    server, _, client = served
+    with grpcclient.InferenceServerClient(server.grpc_address) as grpc_client:
+        assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+        meta = grpc_client.get_model_metadata("linear", as_json=True)
+        assert meta["name"] == "linear" and [i["name"] for i in meta["inputs"]] == ["x"]
+        rest = infer(client).json()
+        got = grpc_client.infer("linear", grpc_row())
+        assert got.get_response().model_version == rest["model_version"]
+        for output in rest["outputs"]:
+            assert got.as_numpy(output["name"]).ravel().tolist() == pytest.approx(output["data"], rel=1e-6)
+        with pytest.raises(InferenceServerException) as info:
+            grpc_client.get_model_metadata("nope")
+        assert info.value.status() == str(grpc.StatusCode.NOT_FOUND) and "'nope'" in str(info.value.message())
+        with pytest.raises(InferenceServerException) as info:
+            grpc_client.infer("nope", grpc_row())
+        assert info.value.status() == str(grpc.StatusCode.NOT_FOUND) and "'nope'" in str(info.value.message())
+
+
 def _replaced(server: RemoteServer, answers: list[str], before: set[str], failures: list[str], killed: float) -> None:
     """Wait until a replica not in ``before`` answers, and two answer, among the latest answers."""
     while len(set(answers[-40:]) - before) < 1 or len(set(answers[-40:])) < 2:
@@ -257,6 +289,18 @@ def test_replicas_killed_under_load_fail_no_request(served: tuple[RemoteServer, 
     chat = {"model": "chat", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 100, "n": 2}
     senders = [threading.Thread(target=keep_sending, args=("/v2/models/linear/infer", ROW)) for _ in range(4)]
     senders += [threading.Thread(target=keep_sending, args=("/v1/chat/completions", chat)) for _ in range(2)]
+    called: list[int] = []  # gRPC answers (they name no replica)
+
+    def keep_calling() -> None:
+        with grpcclient.InferenceServerClient(server.grpc_address) as own:
+            while not stop.is_set():
+                try:
+                    own.infer("linear", grpc_row(), client_timeout=60)
+                    called.append(1)
+                except InferenceServerException as exc:
+                    failures.append(f"gRPC {exc.status()} {exc.message()}"[:200])
+
+    senders.append(threading.Thread(target=keep_calling))
     for sender in senders:
         sender.start()
     try:
@@ -274,10 +318,13 @@ def test_replicas_killed_under_load_fail_no_request(served: tuple[RemoteServer, 
         for sender in senders:
             sender.join()
     assert failures == [], failures[:5]
+    assert len(called) > 0
     assert len(replicas_of(server.home)) == 2
     assert not set(answers[-40:]) & first  # both originals gone, their replacements answering
-    retried = server.log().count("; trying another")
+    called_again = server.log().count("gRPC ModelInfer: the replica died")
+    retried = server.log().count("; trying another") - called_again
     print(f"{retried} requests died with their replica and were sent again")
+    print(f"gRPC: {len(called)} calls answered, {called_again} sent again after their replica died")
     assert retried >= 1
 
     # The killed replicas' live gauges (models loaded, requests running) leave the shared metrics: only files of

@@ -73,6 +73,14 @@ class Intake:
         self.receive_s = receive_s
         self._slots = asyncio.Semaphore(receivers)
 
+    @classmethod
+    def bounded(
+        cls, inflight: InflightBytes, *, max_message_bytes: int, header_timeout_s: float, body_timeout_s: float
+    ) -> Intake:
+        """The intake of a server taking messages up to ``max_message_bytes`` (the bounds :func:`start_grpc` says)."""
+        receivers = max(1, inflight.limit // max_message_bytes)
+        return cls(inflight, receivers=receivers, wait_s=header_timeout_s, receive_s=body_timeout_s)
+
     async def receive(self, context: grpc.aio.ServicerContext) -> bytes:
         """The call's message, charged to the budget: :meth:`release` its size when the call is done with it."""
         data = await self._read(context)
@@ -149,8 +157,8 @@ class InferenceServicer:
     ) -> Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Awaitable[T]]:
         async def handle(_requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> T:
             if self.access is None or method in OPEN_METHODS:
-                return await _answer(context, method, self._serve(context, work))
-            return await _answer(context, method, guarded(self.access, context, self._serve(context, work)))
+                return await answer(context, method, self._serve(context, work))
+            return await answer(context, method, guarded(self.access, context, self._serve(context, work)))
 
         return handle
 
@@ -237,12 +245,37 @@ async def start_grpc(
     """
     if inflight is None:
         inflight = InflightBytes(_DEFAULTS.max_inflight_bytes)
-    intake = Intake(
-        inflight,
-        receivers=max(1, inflight.limit // max_message_bytes),
-        wait_s=header_timeout_s,
-        receive_s=body_timeout_s,
+    intake = Intake.bounded(
+        inflight, max_message_bytes=max_message_bytes, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s
     )
+    return await serve(
+        InferenceServicer(engine, intake, access).handlers(),
+        host,
+        port,
+        max_message_bytes=max_message_bytes,
+        reuse_port=reuse_port,
+        max_connections=max_connections,
+        header_timeout_s=header_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        tls=tls,
+    )
+
+
+async def serve(
+    handlers: dict[str, grpc.RpcMethodHandler],
+    host: str,
+    port: int,
+    *,
+    max_message_bytes: int,
+    reuse_port: bool,
+    max_connections: int,
+    header_timeout_s: float,
+    idle_timeout_s: float,
+    tls: tuple[bytes, bytes] | None,
+) -> grpc.aio.Server:
+    """Serve ``handlers`` as ``inference.GRPCInferenceService`` on ``host:port`` with the connection bounds and TLS
+    :func:`start_grpc` describes, and return the started server. Raises :class:`OSError` when the address cannot be
+    bound."""
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -262,7 +295,6 @@ async def start_grpc(
         ],
         maximum_concurrent_rpcs=max_connections,
     )
-    handlers = InferenceServicer(engine, intake, access).handlers()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -300,7 +332,7 @@ def _parse(kind: type[M], data: bytes) -> M:
     return message
 
 
-async def _answer(context: grpc.aio.ServicerContext, method: str, work: Awaitable[T]) -> T:
+async def answer(context: grpc.aio.ServicerContext, method: str, work: Awaitable[T]) -> T:
     """The result of ``work``, or the call aborted with the status its error maps to."""
     try:
         return await work

@@ -1,4 +1,5 @@
-"""What travels between the front and a replica: a request read whole by the front, and the parts of its answer.
+"""What travels between the front and a replica: a request read whole by the front, and the parts of its answer;
+a gRPC call and its reply.
 
 A replica answers with a :class:`Head` (status, headers and the first body chunk: a whole non-streaming answer is
 this one part) and then, while :attr:`Head.more` says so, :class:`Chunk` parts. Plain frozen dataclasses, pickled
@@ -81,3 +82,32 @@ class Head:
 class Chunk:
     body: bytes
     more: bool
+
+
+#: gRPC metadata as (key, value) pairs; a value is bytes for a ``-bin`` key.
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+@dataclass(frozen=True)
+class GrpcCall:
+    """A unary call of ``inference.GRPCInferenceService`` the front received."""
+
+    #: The RPC's name in the service, e.g. ``ModelInfer``.
+    method: str
+    #: The client's invocation metadata (its ``authorization`` among them).
+    metadata: Metadata
+    #: The client's address as grpc names it (``ipv4:10.0.0.5:51234``): the replica's auth throttle sees the client.
+    peer: str
+    #: The serialized request message.
+    body: bytes
+
+
+@dataclass(frozen=True)
+class GrpcReply:
+    """How the replica ended a :class:`GrpcCall`: a status (``grpc.StatusCode`` name), and the serialized response
+    message when it is ``OK``."""
+
+    code: str
+    details: str
+    trailing: tuple[tuple[str, str], ...]
+    body: bytes

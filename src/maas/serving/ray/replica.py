@@ -1,5 +1,6 @@
 """One Ray Serve replica of ``maas serve --engine ray``: a whole maas app (its own model manager, batchers and
-metrics), built in the replica's own process, answering the requests the front forwards to :meth:`forward`.
+metrics), built in the replica's own process, answering the requests the front forwards to :meth:`forward` and
+the gRPC calls it forwards to :meth:`forward_grpc`.
 
 Ray Serve builds the app through ``__serve_build_asgi_app__`` (deployed with ``serve.ingress()``) and runs its
 lifespan, which starts the model manager, and its shutdown; no Ray proxy serves it.
@@ -11,10 +12,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from maas import envs
-from maas.serving.ray.forwarded import Chunk, ForwardedRequest, Head
+from maas.serving.ray.forwarded import Chunk, ForwardedRequest, GrpcCall, GrpcReply, Head
+from maas.serving.ray.grpc_inprocess import handlers_of, run_call
 from maas.serving.ray.inprocess import answer
 from maas.serving.settings import ServerSettings
 
@@ -46,6 +49,7 @@ class MaasReplica:
     def __init__(self, settings: dict[str, Any], loopback: bool) -> None:
         self._settings = ServerSettings.model_validate(settings)
         self._app: ASGIApp | None = None
+        self._grpc: dict[str, grpc.RpcMethodHandler] = {}
         if loopback:
             _inter_deployment_grpc_on_loopback()
 
@@ -56,7 +60,9 @@ class MaasReplica:
 
         logging.getLogger("maas").setLevel(str(envs.MAAS_LOG_LEVEL or "info").upper())
         replica = serve.get_replica_context().replica_id.unique_id
-        self._app = ReplicaTagged(create_app(self._settings), replica)
+        app = create_app(self._settings)
+        self._grpc = handlers_of(app.state.ctx)
+        self._app = ReplicaTagged(app, replica)
         return self._app
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[Head | Chunk]:
@@ -65,6 +71,11 @@ class MaasReplica:
         assert self._app is not None, "Ray Serve builds the app before it sends requests"
         async for part in answer(self._app, request):
             yield part
+
+    async def forward_grpc(self, call: GrpcCall) -> GrpcReply:
+        """The app's answer to a gRPC call the front received, as plain ``maas serve``'s gRPC server gives it."""
+        assert self._grpc, "Ray Serve builds the app before it sends requests"
+        return await run_call(self._grpc, call)
 
 
 def _inter_deployment_grpc_on_loopback() -> None:
