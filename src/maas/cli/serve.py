@@ -48,7 +48,11 @@ def serve(
         None, "--autoscale", help="MIN:MAX replicas, scaled by Ray Serve on requests in flight (--engine ray)."
     ),
     ray_address: str = typer.Option(
-        None, "--ray-address", help="An existing Ray cluster (ray://host:10001 or host:6379); default: a local Ray."
+        None,
+        "--ray-address",
+        help=(
+            "An existing Ray cluster's GCS address HOST:PORT, from one of its nodes (not ray://); default: a local Ray."
+        ),
     ),
 ) -> None:
     """Serve registered models over the Open Inference Protocol v2 (REST); Ctrl-C stops."""
@@ -76,7 +80,7 @@ def serve(
         raise typer.BadParameter("--replicas, --autoscale and --ray-address need --engine ray", param_hint="--engine")
     if engine == "ray" and settings.workers > 1:
         raise typer.BadParameter("with --engine ray, use --replicas N instead of --workers N", param_hint="--workers")
-    if no_grpc or engine == "ray":
+    if no_grpc:
         settings = settings.model_copy(update={"grpc_port": None})
     tls = settings.tls() is not None  # checked before anything binds: a bad pair is an error here, not in a worker
     keys = _access(settings, tls)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +38,7 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 
 
 def replica_settings(settings: ServerSettings) -> dict[str, Any]:
-    """What each replica serves with: HTTP only (forwarded by the front; no gRPC), one process per replica."""
+    """What each replica serves with: no port of its own (the fronts forward REST and gRPC), one process each."""
     return settings.model_copy(update={"grpc_port": None, "workers": 1}).model_dump(mode="json")
 
 
@@ -64,7 +66,14 @@ def serve_on_ray(
 ) -> int:
     """Deploy maas on Ray Serve, serve the front once every replica runs, and block until SIGINT/SIGTERM; then stop
     the front, delete the app and, if Ray was started here, stop it. Returns the exit code."""
-    if not address:
+    if address:
+        host, _ = cluster_address(address)
+        if _is_loopback(host):
+            # Ray dials a loopback address as this machine's network address (where a normal head listens); a cluster
+            # started on loopback (``ray start --node-ip-address=127.0.0.1`` in Ray's single-node mode, as a local Ray
+            # runs) listens only on 127.0.0.1: in the same mode, Ray dials the address as given.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    else:
         # A local Ray is one node on loopback: Ray's "not a cluster" mode (its default on macOS and Windows) gives every
         # Ray process 127.0.0.1 as the node address, so its gRPC servers bind there and nowhere else. Read by Ray at
         # import and by the processes it starts, hence set in this process's environment first.
@@ -79,15 +88,14 @@ def serve_on_ray(
         ) from None
 
     from maas.serving.ray.front import Front
+    from maas.serving.ray.grpc_front import GrpcFront
     from maas.serving.ray.listener import Listener
     from maas.serving.ray.metrics import SharedMetrics
     from maas.serving.ray.replica import MaasReplica
 
+    grpc_front = None if settings.grpc_port is None else GrpcFront(settings)  # its port checked free, as HTTP's
     listener = Listener(settings)  # the port, bound before Ray starts: a taken one fails at once
     shared = None if address else SharedMetrics()  # replicas on one machine: one /metrics for all
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         _start_ray(ray, replicas, autoscale, address, shared.env if shared else {})
     except BaseException:
@@ -95,6 +103,11 @@ def serve_on_ray(
         if shared is not None:
             shared.close()
         raise
+    # After ray.init, which sets its own SIGTERM handlers (Python's exits at once, its C++ one then aborts the process,
+    # leaving a local Ray's agents behind): a signal stops the front and the app as Ctrl-C does.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(proxy_location="Disabled", logging_config={"log_level": "WARNING"})
         deployment = serve.deployment(
@@ -105,20 +118,26 @@ def serve_on_ray(
             graceful_shutdown_timeout_s=10,
             **deployment_options(replicas, autoscale),
         )(serve.ingress()(MaasReplica))
-        app = deployment.bind(replica_settings(settings), not address)
+        # A cluster whose node here is on loopback is this machine's alone: its replicas keep to loopback as local ones.
+        loopback = not address or _is_loopback(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
+        app = deployment.bind(replica_settings(settings), loopback)
         # No route prefix: Ray's proxies (those of an existing cluster's Serve) do not expose the app.
         handle = serve.run(app, name=APP_NAME, route_prefix=None, blocking=False, logging_config=REPLICA_LOGGING)
         if not stop.is_set():
             listener.start(Front(handle, listener.settings))
+            if grpc_front is not None:
+                grpc_front.start(handle)
             if on_ready is not None:
                 on_ready()
         while not stop.wait(0.5):
-            if not listener.alive():
+            if not listener.alive() or (grpc_front is not None and not grpc_front.alive()):
                 log.error("the front server stopped; shutting down")
                 return 1
             if shared is not None:
                 shared.reap()
     finally:
+        if grpc_front is not None:
+            grpc_front.stop()
         listener.stop()  # first: the answers in progress finish while their replicas still run
         try:
             if address:
@@ -145,7 +164,14 @@ def _start_ray(
         env_vars = {**defaults, "MAAS_RUNTIME_THREADS": threads, **env_vars}
     runtime_env = {"env_vars": env_vars}
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        except ConnectionError as exc:
+            raise InvalidInput(
+                f"--ray-address {address}: Ray could not join the cluster there (its messages above say why). If they "
+                "say 'Unauthenticated', the cluster uses Ray's token authentication: set RAY_AUTH_MODE=token here and "
+                "give its token (~/.ray/auth_token, RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)"
+            ) from exc
     else:
         ray.init(
             include_dashboard=False,
@@ -153,3 +179,37 @@ def _start_ray(
             runtime_env=runtime_env,
             logging_level=logging.WARNING,
         )
+
+
+def cluster_address(address: str) -> tuple[str, int]:
+    """``--ray-address`` -> the (host, port) of the cluster's GCS, checked to answer: a wrong address fails at once
+    (Ray itself retries for minutes). A Ray Client address (``ray://``) is refused: the front streams each answer
+    through a deployment handle, which Ray Client does not support."""
+    example = "e.g. --ray-address 10.0.0.5:6379 (the --port of `ray start --head`; 6379 by default)"
+    if address.startswith("ray://"):
+        raise InvalidInput(
+            f"--ray-address {address}: a Ray Client address; maas streams answers through Ray Serve deployment "
+            f"handles, which Ray Client does not support. Run `maas serve` on a node of the cluster and give the "
+            f"cluster's GCS address HOST:PORT, {example}"
+        )
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not sep or not host or not port.isdigit():
+        raise InvalidInput(f"--ray-address {address!r}: expected the GCS address HOST:PORT of a Ray cluster, {example}")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise InvalidInput(
+            f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with `ray start --head` or give "
+            f"the GCS address of a running one, {example}"
+        ) from None
+    return host, int(port)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
