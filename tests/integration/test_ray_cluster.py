@@ -29,14 +29,12 @@ from maas.registry import Registry
 from maas.testing import processes
 from maas.testing.models import make_linear_model
 from maas.testing.server import RemoteServer, free_port
+from tests.ray_helpers import LOOPBACK, answering, listening
 
 needs_ray = pytest.mark.skipif(
     importlib.util.find_spec("ray") is None, reason="Ray Serve not installed: pip install 'maas[ray]'"
 )
 
-ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
-REPLICA = "x-maas-replica"
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 #: A driver of its own that lists the cluster's Serve applications.
 APPLICATIONS = (
     "import json, sys, ray\n"
@@ -144,31 +142,12 @@ def serve_on(cluster: Cluster, home: Path, replicas: int) -> RemoteServer:
     return RemoteServer(home, args=args, env=cluster.auth, ready_timeout_s=120)
 
 
-def answering(client: httpx.Client, count: int) -> set[str]:
-    replicas = set()
-    for _ in range(count):
-        response = client.post("/v2/models/linear/infer", json=ROW)
-        assert response.status_code == 200, response.text
-        replicas.add(response.headers[REPLICA])
-    return replicas
-
-
 def until_serving(server: RemoteServer, client: httpx.Client, replicas: int) -> None:
     deadline = time.monotonic() + 120
     # /ready is answered by one replica first; the line is printed once Ray Serve has them all running.
     while f"with {replicas} Ray Serve replicas" not in server.log() or len(answering(client, 10)) < replicas:
         assert server.alive() and time.monotonic() < deadline, server.log()
         time.sleep(0.2)
-
-
-def listening(procs: list[psutil.Process]) -> set[tuple[str, str, int]]:
-    found = set()
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    found.add((p.name(), c.laddr.ip, c.laddr.port))
-    return found
 
 
 @pytest.fixture

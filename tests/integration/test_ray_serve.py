@@ -31,6 +31,7 @@ from maas.testing import processes
 from maas.testing.models import make_linear_model
 from maas.testing.server import RemoteServer, free_port, scraped
 from tests.llm_fixtures import write_tiny_llm_dir
+from tests.ray_helpers import LOOPBACK, REPLICA, ROW, answering, infer, listening
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,16 +40,7 @@ pytestmark = [
     ),
 ]
 
-ROW = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1.0, 2.0, 3.0, 4.0]}]}
-REPLICA = "x-maas-replica"
-LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 LIMIT = 1 << 20  # MAAS_MAX_REQUEST_BYTES of the server under test
-
-
-def infer(client: httpx.Client) -> httpx.Response:
-    response = client.post("/v2/models/linear/infer", json=ROW)
-    assert response.status_code == 200, response.text
-    return response
 
 
 def grpc_row() -> list[grpcclient.InferInput]:
@@ -66,10 +58,6 @@ def replicas_of(home: Path) -> list[psutil.Process]:
             if cmd.startswith("ray::ServeReplica:maas:") and p.environ().get("MAAS_HOME") == str(home):
                 found.append(p)
     return found
-
-
-def answering(client: httpx.Client, count: int = 40) -> set[str]:
-    return {infer(client).headers[REPLICA] for _ in range(count)}
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +134,9 @@ def test_every_port_ray_opens_is_on_loopback(served: tuple[RemoteServer, Registr
     server, _, _ = served
     assert server.proc is not None
     tree = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
-    listening = set()
-    for p in tree:
-        with contextlib.suppress(psutil.Error):
-            for c in p.net_connections(kind="inet"):
-                if c.status == psutil.CONN_LISTEN:
-                    listening.add((p.name(), c.laddr.ip, c.laddr.port))
-    assert any(port == server.port for _, _, port in listening)
-    assert {ip for _, ip, _ in listening} <= LOOPBACK, sorted(listening)
+    sockets = listening(tree)
+    assert any(port == server.port for _, _, port in sockets)
+    assert {ip for _, ip, _ in sockets} <= LOOPBACK, sorted(sockets)
 
 
 def test_a_stream_is_relayed_part_by_part_and_cancelled_when_its_client_leaves(
