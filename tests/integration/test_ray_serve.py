@@ -183,6 +183,10 @@ def test_a_body_over_the_limit_is_refused_by_the_front(served: tuple[RemoteServe
     assert chunked.status_code == 413 and REPLICA not in chunked.headers
     assert infer(client).status_code == 200
 
+    # A keyless loopback server refuses another host's name (DNS rebinding) at the front, before reading the body.
+    foreign = client.post("/v2/models/linear/infer", json=ROW, headers={"Host": "rebound.example"})
+    assert foreign.status_code == 403 and REPLICA not in foreign.headers
+
 
 def _raw(server: RemoteServer, data: bytes, *, read: bool = True) -> bytes:
     """What the server answers to ``data`` sent as is, until it closes the connection (b"reset" if it resets it)."""

@@ -18,10 +18,12 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Message, Receive, Scope, Send
 
+from maas.errors import Forbidden, Unauthorized
+from maas.serving.ray.doorman import Doorman
 from maas.serving.ray.forwarded import Chunk, ForwardedRequest, Head, scope_of
 from maas.serving.ray.front import Front
 from maas.serving.ray.inprocess import IncompleteResponse, answer
-from maas.serving.ray.retry import Retries, replica_died, retry_safe
+from maas.serving.ray.retry import Retries, replica_crashed, replica_died, retry_safe
 from maas.serving.settings import ServerSettings
 
 ray_errors = pytest.importorskip("ray.exceptions", reason="Ray Serve not installed: pip install 'maas[ray]'")
@@ -284,7 +286,7 @@ def test_an_admin_change_whose_replica_died_is_not_sent_again() -> None:
 
 
 def test_retries_stop_after_the_last_attempt() -> None:
-    handle = FakeHandle(*[[ray_errors.ActorDiedError()]] * 4)
+    handle = FakeHandle(*[[ray_errors.ActorUnavailableError("unreachable", None)]] * 4)
     sent = _call(_front(handle), "GET", "/v2/health/ready", [])
     assert _status(sent) == 503 and "4 attempts" in _error(sent)
 
@@ -317,3 +319,70 @@ def test_a_client_leaving_before_its_answer_cancels_the_call() -> None:
     handle = FakeHandle([...])
     sent = _call(_front(handle), "POST", "/v1/chat/completions", [b"{}"], leave=True)
     assert sent == [] and handle.calls[0].cancelled
+
+
+def test_a_request_whose_replica_died_running_it_is_sent_again_once() -> None:
+    crashes = Retries(first_s=0.001)
+    assert crashes.next_wait(crashed=True) is not None  # the replica may have been killed from outside
+    assert crashes.next_wait(crashed=True) is None  # twice: the request itself may be what kills them
+    unreachable = Retries(first_s=0.001)
+    assert [unreachable.next_wait() is not None for _ in range(4)] == [True, True, True, False]
+    assert replica_crashed(ray_errors.ActorDiedError())
+    assert not replica_crashed(ray_errors.ActorUnavailableError("unreachable", None))
+
+
+class Keys:
+    """An authenticator that knows one key."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str | None, str]] = []
+
+    async def authenticate(self, authorization: str | None, client: str) -> object:
+        self.asked.append((authorization, client))
+        if authorization != "Bearer good":
+            raise Unauthorized("this server requires an API key")
+        return object()
+
+
+def test_the_front_refuses_a_stranger_before_reading_the_body() -> None:
+    keys = Keys()
+    settings = ServerSettings(host="0.0.0.0", auth="required")
+    front = Front(FakeHandle([OK]), settings, doorman=Doorman(settings, authenticator=keys))  # type: ignore[arg-type]
+    received: list[str] = []
+    sent: list[Message] = []
+    bodies = [b"{}"]
+
+    async def receive() -> Message:
+        if not bodies:
+            await asyncio.Event().wait()  # the client stays
+        received.append("body")
+        return {"type": "http.request", "body": bodies.pop(), "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": INFER,
+        "raw_path": INFER.encode(),
+        "query_string": b"",
+        "headers": [(b"content-length", b"2")],
+        "client": ("10.1.2.3", 5555),
+        "server": ("0.0.0.0", 8000),
+        "scheme": "http",
+        "http_version": "1.1",
+    }
+    asyncio.run(front(scope, receive, send))
+    assert sent[0]["status"] == 401 and received == [] and keys.asked == [(None, "10.1.2.3")]
+    sent.clear()
+    asyncio.run(front({**scope, "path": "/v2/health/live"}, receive, send))  # probes stay open
+    assert sent[0]["status"] == 200 and received[:1] == ["body"]
+
+
+def test_a_keyless_loopback_front_refuses_a_foreign_host_before_reading_the_body() -> None:
+    doorman = Doorman(ServerSettings())  # 127.0.0.1, keys off: the browser checks
+    with pytest.raises(Forbidden):
+        asyncio.run(doorman.http({"type": "http", "path": INFER, "headers": [(b"host", b"evil.example")]}))
+    asyncio.run(doorman.http({"type": "http", "path": INFER, "headers": [(b"host", b"127.0.0.1:8000")]}))
+    asyncio.run(doorman.grpc("ModelInfer", (), "10.1.2.3"))  # gRPC: no key needed when keys are off

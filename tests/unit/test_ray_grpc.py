@@ -182,7 +182,7 @@ def test_failures_of_the_call_itself_are_statuses() -> None:
         relay(failed)
     assert info.value.code == grpc.StatusCode.INTERNAL and "replica failed to answer" in info.value.details
     assert len(failed.calls) == 1  # not a dead replica: not sent again
-    dead = Handle(*[ray_errors.ActorDiedError() for _ in range(4)])
+    dead = Handle(*[ray_errors.ActorUnavailableError("unreachable", None) for _ in range(4)])
     with pytest.raises(Aborted) as info:
         relay(dead)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE and "4 attempts" in info.value.details

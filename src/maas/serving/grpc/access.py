@@ -24,7 +24,8 @@ async def guarded(access: AccessControl, context: grpc.aio.ServicerContext, work
     try:
         principal = LOCAL
         if access.required:
-            principal = await access.authenticator.authenticate(_metadata(context, "authorization"), _peer(context))
+            authorization = _metadata(context, "authorization")
+            principal = await access.authenticator.authenticate(authorization, client_address(context))
         admission = await access.admit(principal)
     except MaasError:
         _close(work)
@@ -55,7 +56,7 @@ def _metadata(context: grpc.aio.ServicerContext, name: str) -> str | None:
     return None
 
 
-def _peer(context: grpc.aio.ServicerContext) -> str:
+def client_address(context: grpc.aio.ServicerContext) -> str:
     """The client's address without its port (``ipv4:127.0.0.1:5555`` → ``127.0.0.1``)."""
     peer = context.peer() or "-"
     kind, _, rest = peer.partition(":")

@@ -5,20 +5,31 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from maas import envs
 from maas.errors import InvalidInput
 from maas.serving.settings import ServerSettings
 from maas.serving.workers import runtime_threads
 
+if TYPE_CHECKING:
+    from maas.serving.ray.metrics import SharedMetrics
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "maas"
+#: Settings that may hold credentials: given to the replicas as the deployment's arguments, not in its runtime_env
+#: (which Ray writes to its logs, world-readable under /tmp/ray on a shared machine).
+SECRET_SETTINGS = ("MAAS_DATABASE_URL", "MAAS_REDIS_URL")
+#: Settings of the maas CLI as a client, which the replicas have no use for.
+CLIENT_SETTINGS = ("MAAS_SERVER_URL", "MAAS_API_KEY", "MAAS_SSL_CA_FILE")
 #: Ray Serve's per-request access log off (maas meters and counts requests itself); warnings and errors kept.
 REPLICA_LOGGING = {"log_level": "WARNING", "enable_access_log": False}
 
@@ -96,12 +107,13 @@ def serve_on_ray(
     grpc_front = None if settings.grpc_port is None else GrpcFront(settings)  # its port checked free, as HTTP's
     listener = Listener(settings)  # the port, bound before Ray starts: a taken one fails at once
     shared = None if address else SharedMetrics()  # replicas on one machine: one /metrics for all
+    # A local Ray keeps its sessions (logs, sockets) in a private folder, not in the shared /tmp/ray.
+    scratch = None if address else Path(tempfile.mkdtemp(prefix="maas-ray-"))
     try:
-        _start_ray(ray, replicas, autoscale, address, shared.env if shared else {})
+        _start_ray(ray, replicas, autoscale, address, shared.env if shared else {}, scratch)
     except BaseException:
         listener.stop()
-        if shared is not None:
-            shared.close()
+        _remove(shared, scratch)
         raise
     # After ray.init, which sets its own SIGTERM handlers (Python's exits at once, its C++ one then aborts the process,
     # leaving a local Ray's agents behind): a signal stops the front and the app as Ctrl-C does.
@@ -120,7 +132,8 @@ def serve_on_ray(
         )(serve.ingress()(MaasReplica))
         # A cluster whose node here is on loopback is this machine's alone: its replicas keep to loopback as local ones.
         loopback = not address or _is_loopback(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
-        app = deployment.bind(replica_settings(settings), loopback)
+        secrets = {name: value for name, value in envs.given().items() if name in SECRET_SETTINGS}
+        app = deployment.bind(replica_settings(settings), loopback, secrets)
         # No route prefix: Ray's proxies (those of an existing cluster's Serve) do not expose the app.
         handle = serve.run(app, name=APP_NAME, route_prefix=None, blocking=False, logging_config=REPLICA_LOGGING)
         if not stop.is_set():
@@ -146,17 +159,30 @@ def serve_on_ray(
                 serve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
-            if shared is not None:
-                shared.close()
+            _remove(shared, scratch)
     return 0
 
 
+def _remove(shared: SharedMetrics | None, scratch: Path | None) -> None:
+    if shared is not None:
+        shared.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _start_ray(
-    ray: Any, replicas: int, autoscale: tuple[int, int] | None, address: str | None, env: dict[str, str]
+    ray: Any,
+    replicas: int,
+    autoscale: tuple[int, int] | None,
+    address: str | None,
+    env: dict[str, str],
+    scratch: Path | None,
 ) -> None:
-    """Join the cluster at ``address``, or start a local Ray sized for the replicas; every ``MAAS_*`` setting given
-    here, and ``env``, reach the replicas through the ``runtime_env``."""
-    env_vars = {**envs.given(), "RAY_USAGE_STATS_ENABLED": "0", **env}
+    """Join the cluster at ``address``, or start a local Ray sized for the replicas, keeping its sessions under
+    ``scratch``; the ``MAAS_*`` settings given here (but secrets and client settings) and ``env`` reach the replicas
+    through the ``runtime_env``."""
+    given = {k: v for k, v in envs.given().items() if k not in SECRET_SETTINGS and k not in CLIENT_SETTINGS}
+    env_vars = {**given, "RAY_USAGE_STATS_ENABLED": "0", **env}
     high = autoscale[1] if autoscale else replicas
     if not address:  # the replicas share this machine's CPUs, as --workers do (on a cluster Ray gives each its share)
         threads = str(envs.MAAS_RUNTIME_THREADS or runtime_threads(high))
@@ -174,6 +200,7 @@ def _start_ray(
             ) from exc
     else:
         ray.init(
+            _temp_dir=str(scratch),
             include_dashboard=False,
             num_cpus=max(os.cpu_count() or 1, high),
             runtime_env=runtime_env,

@@ -19,9 +19,12 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from maas.errors import MaasError
+from maas.serving.access.gate import send_error
 from maas.serving.budget import InflightBytes
+from maas.serving.ray.doorman import Doorman
 from maas.serving.ray.forwarded import ForwardedRequest
-from maas.serving.ray.retry import Retries, replica_died, retry_safe
+from maas.serving.ray.retry import Retries, replica_crashed, replica_died, retry_safe
 from maas.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -34,8 +37,15 @@ class Answered(Exception):
 class Front:
     """``handle``: the deployment's handle; its ``forward`` method streams a :class:`Head` then ``Chunk`` parts."""
 
-    def __init__(self, handle: Any, settings: ServerSettings, retries: Callable[[], Retries] = Retries) -> None:
+    def __init__(
+        self,
+        handle: Any,
+        settings: ServerSettings,
+        retries: Callable[[], Retries] = Retries,
+        doorman: Doorman | None = None,
+    ) -> None:
         self._handle = handle.options(stream=True)
+        self._doorman = doorman or Doorman(settings)
         self._max_body = settings.max_request_bytes
         self._body_timeout_s = settings.body_timeout_s
         self._inflight = InflightBytes(settings.max_inflight_bytes)
@@ -46,6 +56,11 @@ class Front:
             return
         held = 0
         try:
+            try:
+                await self._doorman.http(scope)  # as the plain server: no body read for a stranger
+            except MaasError as exc:
+                await send_error(send, exc)
+                return
             try:
                 body = await self._read_body(scope, receive, send)
             except Answered:
@@ -129,7 +144,7 @@ class Front:
                 return
             except Exception as exc:
                 stream.cancel()
-                wait = retries.next_wait() if safe and replica_died(exc) else None
+                wait = retries.next_wait(crashed=replica_crashed(exc)) if safe and replica_died(exc) else None
                 if wait is None:
                     await _json(send, *_failure(request, exc, safe, retries.made))
                     return

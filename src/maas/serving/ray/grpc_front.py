@@ -20,11 +20,13 @@ from typing import Any
 import grpc
 
 from maas.serving.budget import InflightBytes
+from maas.serving.grpc.access import client_address
 from maas.serving.grpc.generated import grpc_predict_v2_pb2 as pb
 from maas.serving.grpc.server import MIN_IDLE_TIMEOUT_S, RETRY_AFTER, SERVICE, Intake, answer, serve
 from maas.serving.listen import claim_port
+from maas.serving.ray.doorman import Doorman
 from maas.serving.ray.forwarded import GrpcCall, GrpcReply
-from maas.serving.ray.retry import Retries, replica_died
+from maas.serving.ray.retry import Retries, replica_crashed, replica_died
 from maas.serving.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -40,10 +42,13 @@ STOP_TIMEOUT_S = 15.0
 class Relay:
     """The service's handlers over ``handle``, the deployment's (non-streaming) handle."""
 
-    def __init__(self, handle: Any, intake: Intake, retries: Callable[[], Retries] = Retries) -> None:
+    def __init__(
+        self, handle: Any, intake: Intake, retries: Callable[[], Retries] = Retries, doorman: Doorman | None = None
+    ) -> None:
         self._handle = handle
         self._intake = intake
         self._retries = retries
+        self._doorman = doorman
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
         """Stream-unary handlers, as the plain server's (the message is read through the intake), without
@@ -60,10 +65,12 @@ class Relay:
         return handle
 
     async def _forward(self, method: str, context: grpc.aio.ServicerContext) -> GrpcReply:
+        metadata = tuple((str(key), value) for key, value in context.invocation_metadata() or ())
+        if self._doorman is not None:  # as the plain server: no message read for a stranger
+            await self._doorman.grpc(method, metadata, client_address(context))
         data = await self._intake.receive(context)
         size = len(data)
         try:
-            metadata = tuple((str(key), value) for key, value in context.invocation_metadata() or ())
             call = GrpcCall(method, metadata, str(context.peer()), data)
             del data
             return await self._call(call)
@@ -81,7 +88,7 @@ class Relay:
                 response.cancel()
                 raise
             except Exception as exc:
-                wait = retries.next_wait() if replica_died(exc) else None
+                wait = retries.next_wait(crashed=replica_crashed(exc)) if replica_died(exc) else None
                 if wait is None:
                     return _failure(call, exc, retries.made)
                 log.warning("gRPC %s: the replica died (%s); trying another", call.method, type(exc).__name__)
@@ -150,7 +157,7 @@ class GrpcFront:
                 body_timeout_s=s.body_timeout_s,
             )
             server = await serve(
-                Relay(handle, intake).handlers(),
+                Relay(handle, intake, doorman=Doorman(s)).handlers(),
                 s.host,
                 s.grpc_port,
                 max_message_bytes=s.max_request_bytes,

@@ -9,6 +9,7 @@ lifespan, which starts the model manager, and its shutdown; no Ray proxy serves 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,7 +47,8 @@ class ReplicaTagged:
 
 
 class MaasReplica:
-    def __init__(self, settings: dict[str, Any], loopback: bool) -> None:
+    def __init__(self, settings: dict[str, Any], loopback: bool, secrets: dict[str, str] | None = None) -> None:
+        os.environ.update(secrets or {})  # settings holding credentials, kept out of Ray's runtime_env and its logs
         self._settings = ServerSettings.model_validate(settings)
         self._app: ASGIApp | None = None
         self._grpc: dict[str, grpc.RpcMethodHandler] = {}

@@ -43,6 +43,16 @@ def replica_died(exc: BaseException) -> bool:
     return isinstance(exc, gone)
 
 
+def replica_crashed(exc: BaseException) -> bool:
+    """Whether ``exc`` says the replica's process died while it ran the call (rather than that the replica could not be
+    reached): the request itself may be what killed it."""
+    from ray import exceptions as ray_errors
+
+    if isinstance(exc, ray_errors.RayTaskError):
+        exc = getattr(exc, "cause", None) or exc
+    return isinstance(exc, ray_errors.ActorDiedError | ray_errors.WorkerCrashedError)
+
+
 @dataclass
 class Retries:
     """How often and how long a request is tried: at most ``attempts`` calls, a new one only while ``total_s`` has
@@ -55,11 +65,16 @@ class Retries:
     most_s: float = 1.0
     started: float = field(default_factory=time.monotonic)
     made: int = 1
+    #: Replicas that died running the request: after the first, it is not sent again (a request that crashes its
+    #: replica, e.g. out of memory in a runtime, would take down one replica per attempt).
+    crashes: int = 0
 
-    def next_wait(self) -> float | None:
-        """Seconds to wait before the next attempt (counted as made), or None when no attempt is left."""
+    def next_wait(self, *, crashed: bool = False) -> float | None:
+        """Seconds to wait before the next attempt (counted as made), or None when no attempt is left. ``crashed``:
+        the last attempt's replica died running it (:func:`replica_crashed`)."""
+        self.crashes += crashed
         wait = min(self.first_s * 2.0 ** (self.made - 1), self.most_s)
-        if self.made >= self.attempts or time.monotonic() - self.started + wait > self.total_s:
+        if self.crashes > 1 or self.made >= self.attempts or time.monotonic() - self.started + wait > self.total_s:
             return None
         self.made += 1
         return wait
