@@ -63,9 +63,9 @@ def server_options(settings: ServerSettings, log_level: str) -> dict[str, Any]:
     }
 
 
-def tag_responses(app: ASGIApp, index: int) -> ASGIApp:
-    """``app`` with the :data:`WORKER_HEADER` on every HTTP response."""
-    value = str(index).encode()
+def tag_responses(app: ASGIApp, value: str, name: bytes = WORKER_HEADER) -> ASGIApp:
+    """``app`` with the header ``name: value`` (by default :data:`WORKER_HEADER`) on every HTTP response."""
+    tag = (name, value.encode())
 
     async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,7 +74,7 @@ def tag_responses(app: ASGIApp, index: int) -> ASGIApp:
 
         async def send_tagged(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), (WORKER_HEADER, value)]}
+                message = {**message, "headers": [*message.get("headers", ()), tag]}
             await send(message)
 
         await app(scope, receive, send_tagged)
@@ -164,7 +164,7 @@ def run_worker(spec: WorkerSpec) -> int:
     control = listen.control_socket(spec.control_path)
     try:
         config = uvicorn.Config(
-            tag_responses(create_app(settings), spec.index), **server_options(settings, spec.log_level)
+            tag_responses(create_app(settings), str(spec.index)), **server_options(settings, spec.log_level)
         )
         server = WorkerServer(config, spec, shared)
         server.run(sockets=[control])

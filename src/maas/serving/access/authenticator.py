@@ -14,6 +14,7 @@ import math
 import time
 from collections import OrderedDict, deque
 
+from maas import envs
 from maas.access.keys import ApiKey, KeyStore
 from maas.access.principal import Principal
 from maas.errors import RateLimited, Unauthorized
@@ -82,6 +83,12 @@ class FailureThrottle:
 
 class Authenticator:
     """Bearer tokens to principals, with a short-lived cache and a failure throttle."""
+
+    @classmethod
+    def of(cls, keys: KeyStore) -> Authenticator:
+        """The authenticator of a server over ``keys``, with the MAAS_AUTH_CACHE_S and MAAS_AUTH_MAX_FAILURES
+        settings."""
+        return cls(keys, cache_s=float(envs.MAAS_AUTH_CACHE_S), max_failures=int(envs.MAAS_AUTH_MAX_FAILURES))
 
     def __init__(self, keys: KeyStore, *, cache_s: float, max_failures: int) -> None:
         self.keys = keys

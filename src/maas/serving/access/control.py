@@ -51,9 +51,7 @@ class AccessControl:
         self.local_only = not self.required and is_loopback(host)
         db = database_of(registry)
         self.keys = KeyStore(db)
-        self.authenticator = Authenticator(
-            self.keys, cache_s=float(envs.MAAS_AUTH_CACHE_S), max_failures=int(envs.MAAS_AUTH_MAX_FAILURES)
-        )
+        self.authenticator = Authenticator.of(self.keys)
         self.limiter = Limiter(open_limit_store(db, envs.MAAS_REDIS_URL))
         self.usage = UsageRecorder(UsageStore(db))
         self.metrics = metrics

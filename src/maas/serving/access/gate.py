@@ -37,7 +37,9 @@ class AccessGate:
         principal = LOCAL
         try:
             if control.required:
-                principal = await control.authenticator.authenticate(_header(scope, b"authorization"), _client(scope))
+                principal = await control.authenticator.authenticate(
+                    header(scope, b"authorization"), client_host(scope)
+                )
             elif control.local_only:
                 check_local(scope)
             if path == "/metrics" and not principal.may_read_metrics:
@@ -79,13 +81,15 @@ async def send_error(send: Send, exc: MaasError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """The value of header ``name`` (lower-case bytes) of an HTTP ``scope``; None when absent."""
     for key, value in scope.get("headers", []):
         if key == name:
             return bytes(value).decode("latin-1")
     return None
 
 
-def _client(scope: Scope) -> str:
+def client_host(scope: Scope) -> str:
+    """The client's address of an HTTP ``scope`` without its port (``-`` when unknown)."""
     client = scope.get("client")
     return str(client[0]) if client else "-"

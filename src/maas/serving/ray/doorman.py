@@ -12,10 +12,9 @@ from __future__ import annotations
 from starlette._utils import get_route_path
 from starlette.types import Scope
 
-from maas import envs
 from maas.serving.access.authenticator import Authenticator
 from maas.serving.access.browsers import check_local
-from maas.serving.access.gate import OPEN_PATHS
+from maas.serving.access.gate import OPEN_PATHS, client_host, header
 from maas.serving.access.mode import auth_required, is_loopback
 from maas.serving.grpc.access import OPEN_METHODS
 from maas.serving.settings import ServerSettings
@@ -32,10 +31,7 @@ class Doorman:
             from maas.access.keys import KeyStore, database_of
             from maas.registry import Registry
 
-            keys = KeyStore(database_of(Registry()))
-            authenticator = Authenticator(
-                keys, cache_s=float(envs.MAAS_AUTH_CACHE_S), max_failures=int(envs.MAAS_AUTH_MAX_FAILURES)
-            )
+            authenticator = Authenticator.of(KeyStore(database_of(Registry())))
         self.authenticator = authenticator
 
     async def http(self, scope: Scope) -> None:
@@ -43,8 +39,7 @@ class Doorman:
         if get_route_path(scope) in OPEN_PATHS:
             return
         if self.authenticator is not None:
-            client = scope.get("client")
-            await self.authenticator.authenticate(_header(scope, b"authorization"), str(client[0]) if client else "-")
+            await self.authenticator.authenticate(header(scope, b"authorization"), client_host(scope))
         elif self.local_only:
             check_local(scope)
 
@@ -54,10 +49,3 @@ class Doorman:
             return
         authorization = next((v for k, v in metadata if k == "authorization" and isinstance(v, str)), None)
         await self.authenticator.authenticate(authorization, peer)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None

@@ -14,36 +14,17 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from maas import envs
 from maas.serving.ray.forwarded import Chunk, ForwardedRequest, GrpcCall, GrpcReply, Head
 from maas.serving.ray.grpc_inprocess import handlers_of, run_call
 from maas.serving.ray.inprocess import answer
 from maas.serving.settings import ServerSettings
+from maas.serving.worker import tag_responses
 
 #: Response header naming the replica that answered (Ray's replica id, not a pid or host name).
 REPLICA_HEADER = "x-maas-replica"
-
-
-class ReplicaTagged:
-    """The replica's app, with :data:`REPLICA_HEADER` on every HTTP response."""
-
-    def __init__(self, app: ASGIApp, replica: str) -> None:
-        self.app = app
-        self._header = (REPLICA_HEADER.encode(), replica.encode())
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def tagged(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), self._header]}
-            await send(message)
-
-        await self.app(scope, receive, tagged)
 
 
 class MaasReplica:
@@ -64,7 +45,7 @@ class MaasReplica:
         replica = serve.get_replica_context().replica_id.unique_id
         app = create_app(self._settings)
         self._grpc = handlers_of(app.state.ctx)
-        self._app = ReplicaTagged(app, replica)
+        self._app = tag_responses(app, replica, REPLICA_HEADER.encode())
         return self._app
 
     async def forward(self, request: ForwardedRequest) -> AsyncIterator[Head | Chunk]:
